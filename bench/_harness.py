@@ -1,0 +1,53 @@
+"""Timing helpers shared by the benchmarks (pytest-benchmark does the timing and statistics)."""
+from __future__ import annotations
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(benchmark, fn, *, device, rounds: int | None = None, warmup: int | None = None,
+            inner: int | None = None):
+    """Times fn() with pytest-benchmark and returns the median seconds per call (None when timing is off).
+
+    The device is synchronised inside the timed call. On CUDA, `inner` calls are made per timed round (so
+    launch-bound kernels are not dominated by the synchronisation) and the median is divided by it."""
+    dev = torch.device(device)
+    if inner is None:
+        inner = 10 if dev.type == "cuda" else 1
+    if rounds is None:
+        rounds = 20 if dev.type == "cuda" else 5
+    if warmup is None:
+        warmup = 3 if dev.type == "cuda" else 1
+
+    def call():
+        for _ in range(inner):
+            out = fn()
+        sync(dev)
+        return out
+
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:
+        return None
+    return stats.stats.median / inner
+
+
+def peak_memory(fn, *, device) -> int | None:
+    """Peak CUDA memory allocated during fn() above what was allocated before it (None on CPU)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    sync(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    fn()
+    sync(dev)
+    return torch.cuda.max_memory_allocated(dev) - base
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

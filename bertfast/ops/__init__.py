@@ -1,0 +1,108 @@
+"""bertfast's ops, each with an `impl` switch.
+
+impl:
+  "torch"  - the eager PyTorch reference (bertfast.reference); runs everywhere.
+  "triton" - the Triton kernels (layer_norm, bias_gelu, attention, varlen_attention). On CPU tensors they run
+             in Triton's interpreter, which must be switched on with TRITON_INTERPRET=1 before triton is imported.
+  "ext"    - the C++/CUDA extension bertfast._C (mlm_gather, softmax_cross_entropy); CPU and CUDA kernels.
+  "auto"   - the fastest that runs on the tensors' device: on CUDA, Triton for the Triton ops and the extension
+             for the extension ops; on CPU, the torch reference for the Triton ops and the extension's C++
+             kernels for the extension ops.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from bertfast import reference
+
+IMPLS = ("auto", "triton", "ext", "torch")
+
+# op name -> (the fast impl on GPU, the fast impl on CPU); every op also has "torch".
+_FAST = {
+    "layer_norm": ("triton", "torch"),
+    "bias_gelu": ("triton", "torch"),
+    "attention": ("triton", "torch"),
+    "varlen_attention": ("triton", "torch"),
+    "mlm_gather": ("ext", "ext"),
+    "softmax_cross_entropy": ("ext", "ext"),
+}
+_MODULES = {"triton": {"layer_norm": "bertfast.ops._triton_norm", "bias_gelu": "bertfast.ops._triton_norm",
+                       "attention": "bertfast.ops._triton_attention",
+                       "varlen_attention": "bertfast.ops._triton_attention"},
+            "ext": {"mlm_gather": "bertfast.ops._ext", "softmax_cross_entropy": "bertfast.ops._ext"}}
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def resolve_impl(op: str, impl: str, device: torch.device | str) -> str:
+    """The concrete impl ("triton", "ext" or "torch") that `op` runs with for tensors on `device`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    device = torch.device(device)
+    if impl == "auto":
+        return _FAST[op][0 if device.type == "cuda" else 1]
+    if impl != "torch" and op not in _MODULES[impl]:
+        have = ["auto", "torch"] + [i for i in ("triton", "ext") if op in _MODULES[i]]
+        raise ValueError(f"impl={impl!r} has no {op}; {op} runs with impl in {have}")
+    if impl == "triton" and device.type == "cpu" and not triton_interpreter_on():
+        raise RuntimeError(
+            f"impl='triton' on CPU tensors ({op}) runs Triton's interpreter, which is off: set TRITON_INTERPRET=1 "
+            "in the environment before triton is imported (before `import torch` is safest), or use impl='torch' "
+            "/ impl='auto' on CPU.")
+    return impl
+
+
+def _backend(op: str, impl: str):
+    if impl == "torch":
+        return getattr(reference, op)
+    return getattr(importlib.import_module(_MODULES[impl][op]), op)
+
+
+def describe(device: torch.device | str, impl: str = "auto") -> dict[str, str]:
+    """{op: concrete impl} for tensors on `device`: what the trainer prints at start."""
+    return {op: resolve_impl(op, impl, device) for op in _FAST}
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, *, x_bias=None, dropout_p: float = 0.0,
+               impl: str = "auto"):
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim; x_bias, dropout and residual optional."""
+    fn = _backend("layer_norm", resolve_impl("layer_norm", impl, x.device))
+    return fn(x, weight, bias, eps, residual, x_bias=x_bias, dropout_p=dropout_p)
+
+
+def bias_gelu(x, bias, *, impl: str = "auto"):
+    """Exact (erf) GELU of x + bias, bias broadcast over the last dim."""
+    return _backend("bias_gelu", resolve_impl("bias_gelu", impl, x.device))(x, bias)
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None, *, impl: str = "auto"):
+    """Bidirectional attention on [batch, seqlen, heads, head_dim]; mask True = real token."""
+    fn = _backend("attention", resolve_impl("attention", impl, q.device))
+    return fn(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
+                     impl: str = "auto"):
+    """Attention on unpadded tokens [total_tokens, heads, head_dim], sequences delimited by cu_seqlens."""
+    fn = _backend("varlen_attention", resolve_impl("varlen_attention", impl, q.device))
+    return fn(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+
+
+def mlm_gather(hidden, positions, *, impl: str = "auto"):
+    """hidden [B, S, H], positions int64 [B, P] (-1 unused) -> [B * P, H], zero rows for -1."""
+    return _backend("mlm_gather", resolve_impl("mlm_gather", impl, hidden.device))(hidden, positions)
+
+
+def softmax_cross_entropy(logits, target, ignore_index: int = -100, *, impl: str = "auto"):
+    """Mean cross-entropy over the non-ignored rows of logits [N, V]; 0 (and zero gradients) if all ignored."""
+    fn = _backend("softmax_cross_entropy", resolve_impl("softmax_cross_entropy", impl, logits.device))
+    return fn(logits, target, ignore_index)
+
+
+__all__ = ["IMPLS", "resolve_impl", "describe", "layer_norm", "bias_gelu", "attention", "varlen_attention",
+           "mlm_gather", "softmax_cross_entropy"]

@@ -1,0 +1,10 @@
+// The Python module bertfast._C. It holds no Python functions: importing it loads this library, whose
+// TORCH_LIBRARY blocks (ops.cpp, ops_cuda.cu) register the bertfast:: operators with the dispatcher.
+#include <Python.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
