@@ -1,0 +1,131 @@
+"""The batch type and the collator that builds it from NSP pair samples (padding + dynamic masking)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .masking import default_max_predictions, mask_tokens
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` of ``epoch``: splitmix64 over the three numbers (cheap, well mixed).
+
+    Every random draw for a sample comes from a generator seeded with this, so batches do not depend on the
+    number of DataLoader workers, on which rank loads the sample, or on what was loaded before.
+    """
+    x = 0
+    for v in (seed, epoch, index):
+        x = (x ^ (v & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+@dataclass
+class Batch:
+    """One pretraining batch; every field an int64 tensor.
+
+    input_ids, attention_mask, token_type_ids, labels: [B, S] (S = longest sequence in the batch, optionally
+    rounded up to a multiple of 8); labels is Hugging Face style, -100 where nothing is predicted.
+    mlm_positions [B, P] (-1 for unused slots) and mlm_labels [B, P] (-100 unused): the same predictions in the
+    static form, P = max predictions per sequence. is_next: [B], 1 when segment B really follows segment A.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    labels: torch.Tensor
+    mlm_positions: torch.Tensor
+    mlm_labels: torch.Tensor
+    is_next: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in self.items()})
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return Batch(**{k: v.pin_memory() for k, v in self.items()})
+
+    def items(self):
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.items())
+
+    def model_inputs(self, static_mlm: bool = True) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``BertForPreTraining.forward``: the static MLM form, or HF ``labels``."""
+        d = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                 token_type_ids=self.token_type_ids, next_sentence_label=self.is_next)
+        if static_mlm:
+            d.update(mlm_positions=self.mlm_positions, mlm_labels=self.mlm_labels)
+        else:
+            d.update(labels=self.labels)
+        return d
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class PretrainingCollator:
+    """Pads NSP pair samples into a :class:`Batch` and masks them (a fresh mask on every draw).
+
+    A sample is a dict with ``input_ids`` (``[CLS] A [SEP] B [SEP]``, a list of ints), ``len_a`` (length of
+    ``[CLS] A [SEP]``), ``is_next`` and optionally ``seed``: the seed of that sample's generator (see
+    :func:`sample_seed`). Without ``seed``, the collator's own generator is used. [CLS], both [SEP] and padding
+    are never masked.
+    """
+
+    def __init__(self, *, vocab_size: int, pad_token_id: int, mask_token_id: int, max_len: int = 128,
+                 max_predictions: int | None = None, mlm_probability: float = 0.15,
+                 pad_to_multiple_of: int | None = None, generator: torch.Generator | None = None):
+        self.vocab_size = vocab_size
+        self.pad_token_id = pad_token_id
+        self.mask_token_id = mask_token_id
+        self.mlm_probability = mlm_probability
+        self.max_predictions = max_predictions or default_max_predictions(max_len, mlm_probability)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.generator = generator
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, **kw) -> "PretrainingCollator":
+        return cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                   mask_token_id=tokenizer.mask_token_id, **kw)
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        B = len(samples)
+        S = max(len(s["input_ids"]) for s in samples)
+        if self.pad_to_multiple_of:
+            S = -(-S // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        P = self.max_predictions
+        input_ids = torch.full((B, S), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, S), -100, dtype=torch.long)
+        attention_mask = torch.zeros((B, S), dtype=torch.long)
+        token_type_ids = torch.zeros((B, S), dtype=torch.long)
+        mlm_positions = torch.full((B, P), -1, dtype=torch.long)
+        mlm_labels = torch.full((B, P), -100, dtype=torch.long)
+        is_next = torch.empty(B, dtype=torch.long)
+        for b, s in enumerate(samples):
+            ids = torch.as_tensor(s["input_ids"], dtype=torch.long)
+            n, len_a = ids.numel(), int(s["len_a"])
+            special = torch.zeros(n, dtype=torch.bool)
+            special[[0, len_a - 1, n - 1]] = True
+            gen = self.generator
+            if s.get("seed") is not None:
+                gen = torch.Generator().manual_seed(int(s["seed"]))
+            masked, lab = mask_tokens(ids, special, self.vocab_size, self.mask_token_id, self.mlm_probability,
+                                      generator=gen, max_predictions=P)
+            input_ids[b, :n] = masked
+            labels[b, :n] = lab
+            attention_mask[b, :n] = 1
+            token_type_ids[b, len_a:n] = 1
+            pos = (lab != -100).nonzero().squeeze(-1)  # ascending, at most P by construction
+            mlm_positions[b, : pos.numel()] = pos
+            mlm_labels[b, : pos.numel()] = lab[pos]
+            is_next[b] = int(s["is_next"])
+        return Batch(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     labels=labels, mlm_positions=mlm_positions, mlm_labels=mlm_labels, is_next=is_next)

@@ -1,0 +1,245 @@
+"""``load_data`` and the resumable, shardable, worker-count-independent loader it returns."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+
+from .batch import Batch, PretrainingCollator, sample_seed
+from .errors import DataError
+from .masking import default_max_predictions
+
+log = logging.getLogger(__name__)
+
+
+class _PairSamples(torch.utils.data.Dataset):
+    """Map-style view of the pair dataset; a sample key is ``(epoch, index)`` so its mask seed can be derived."""
+
+    def __init__(self, pairs, seed: int):
+        self.pairs = pairs
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        rows = self.pairs[[int(i) for _, i in keys]]  # one arrow read per batch
+        return [
+            {"input_ids": rows["input_ids"][k], "len_a": rows["len_a"][k], "is_next": rows["is_next"][k],
+             "seed": sample_seed(self.seed, epoch, int(i))}
+            for k, (epoch, i) in enumerate(keys)
+        ]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        return self.__getitems__([key])[0]
+
+
+class PretrainingLoader:
+    """Batches of NSP pairs with fresh MLM masks, in an order fixed by (seed, epoch).
+
+    * Order: epoch ``e`` shuffles the pairs with a generator seeded by (seed, e) and cuts *global* batches of
+      ``batch_size * world_size`` samples; rank ``r`` takes the slice ``[r * batch_size, (r + 1) * batch_size)``
+      of each. So world_size=2 with batch_size=b sees, step for step, exactly the samples of world_size=1 with
+      batch_size=2b. With ``group_by_length``, each run of 64 global batches of the shuffled order is sorted by
+      length before it is cut, and the batch order is then shuffled: little padding, still random.
+    * Masks: sample i of epoch e is masked with a generator seeded by (seed, e, i); nothing depends on worker
+      processes, so any ``num_workers`` gives the same batches.
+    * Position: ``state_dict()`` records the epoch and the batches consumed in it; after ``load_state_dict`` the
+      next ``__iter__`` starts at the next unconsumed batch, skipping by index (nothing skipped is loaded).
+      Breaking out of a loop and iterating again also continues where it stopped. When an epoch is iterated to
+      its end the loader moves to the next epoch by itself; ``set_epoch(e)`` chooses one (a no-op when ``e`` is
+      the current epoch, so it does not undo a restored position).
+    """
+
+    def __init__(self, pairs, collator: PretrainingCollator, *, batch_size: int = 32, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool | None = None, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, group_by_length: bool = False, pin_memory: bool = False,
+                 prefetch_factor: int | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if drop_last is None:
+            drop_last = world_size > 1
+        if world_size > 1 and not drop_last:
+            raise ValueError("world_size > 1 needs drop_last=True: a partial global batch cannot be split evenly")
+        self.pairs = pairs
+        self.samples = _PairSamples(pairs, seed)
+        self.collator = collator
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.group_by_length, self.pin_memory, self.prefetch_factor = group_by_length, pin_memory, prefetch_factor
+        self.epoch = 0
+        self.consumed = 0  # batches of `self.epoch` already handed out
+        self._lengths = None
+
+    # ---------------------------------------------------------------- order
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        n, g = len(self.pairs), self.global_batch_size
+        return n // g if self.drop_last else math.ceil(n / g)
+
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        n, g = len(self.pairs), self.global_batch_size
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch, 0xB5A7]))
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.group_by_length:
+            if self._lengths is None:
+                self._lengths = np.asarray(self.pairs.with_format("numpy")["length"])
+            mega = 64 * g
+            order = np.concatenate([
+                c[np.argsort(-self._lengths[c], kind="stable")] for c in np.split(order, range(mega, n, mega))
+            ]) if n else order
+        batches = [order[i : i + g] for i in range(0, n, g)]
+        if self.drop_last and batches and len(batches[-1]) < g:
+            batches.pop()
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def batch_indices(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (default: the current one) as lists of pair indices."""
+        e = self.epoch if epoch is None else epoch
+        b, r = self.batch_size, self.rank
+        return [gb[r * b : (r + 1) * b].tolist() for gb in self._global_batches(e)]
+
+    # ---------------------------------------------------------------- iteration
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = int(epoch), 0
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.consumed
+        keys = [[(epoch, i) for i in idx] for idx in self.batch_indices(epoch)[start:]]
+        if self.num_workers > 0:
+            dl = torch.utils.data.DataLoader(
+                self.samples, batch_sampler=keys, collate_fn=self.collator, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+            it = iter(dl)
+        else:
+            it = (self.collator(self.samples.__getitems__(k)) for k in keys)
+        for batch in it:
+            if self.pin_memory and self.num_workers == 0:
+                batch = batch.pin_memory()
+            self.consumed += 1  # before yielding: a state_dict taken now must count this batch
+            yield batch
+        if self.epoch == epoch:
+            self.epoch, self.consumed = epoch + 1, 0
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.consumed, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size, "num_pairs": len(self.pairs),
+                "batches_per_epoch": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "batch_size", "world_size", "num_pairs"):
+            if key in state and state[key] != getattr(self, key, None) and not (
+                    key == "num_pairs" and state[key] == len(self.pairs)):
+                raise ValueError(f"cannot resume: the saved data position has {key}={state[key]}, this loader "
+                                 f"{key}={len(self.pairs) if key == 'num_pairs' else getattr(self, key)}")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["batches_consumed"])
+
+
+def load_data(
+    name="builtin",
+    loading_ratio: float = 1.0,
+    *,
+    tokenizer=None,
+    vocab_size: int = 8192,
+    max_len: int = 128,
+    batch_size: int = 32,
+    max_predictions: int | None = None,
+    mlm_probability: float = 0.15,
+    seed: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    streaming: bool = False,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    output_dir: str | None = None,
+    group_by_length: bool = False,
+    short_seq_prob: float = 0.1,
+    dupe_factor: int = 1,
+    pad_to_multiple_of: int | None = None,
+    shuffle: bool = True,
+    drop_last: bool | None = None,
+    pin_memory: bool = False,
+    hub_overrides: dict | None = None,
+    sentences_per_doc: int = 64,
+    builtin_docs: int = 1200,
+):
+    """Build the pretraining data; returns ``(tokenizer, loader)``.
+
+    name: ``"builtin"`` (offline default), ``"bookcorpus"``, ``"wikipedia"``, a local file / folder / glob
+        (.txt with blank-line-separated documents, .jsonl / .parquet with a ``text`` column), or several
+        ``"NAME[:RATIO]"`` specs (a list, or one string separated by spaces): ``"bookcorpus:0.1 wikipedia:1/41"``.
+    loading_ratio: fraction of each source's train split to use (a prefix), unless its spec gives one.
+    tokenizer: a ``BertTokenizerFast`` or a hub name / local folder to load one from. None: train an uncased
+        WordPiece vocabulary of ``vocab_size`` on the corpus, saved in ``output_dir/tokenizer`` (or a cache folder
+        keyed by the corpus) and reused by the next run.
+    max_predictions: P, the static prediction slots per sequence (default ceil(0.15 * max_len), 20 at 128).
+    rank, world_size: data-parallel sharding (see :class:`PretrainingLoader`); batch_size is per rank.
+    streaming: read hub sources as a stream and keep only the loading_ratio prefix (no full download).
+    num_proc: processes for the ``datasets`` maps (sentence splitting, tokenising, pair building).
+    cache_dir: where ``datasets`` caches downloads and processed data (default: its own cache).
+    hub_overrides: ``{"bookcorpus": {"path": ..., "name": ..., "data_files": ...}}`` replaces a hub id / config.
+    dupe_factor: how many times pairs are built from each document with different random choices (BERT: 10).
+    builtin_docs: documents in the built-in corpus.
+    """
+    from .pairs import build_pairs, tokenize_documents
+    from .sources import _hash, load_documents, parse_sources
+
+    if max_len < 8:
+        raise ValueError(f"max_len={max_len} is too short for [CLS] A [SEP] B [SEP]")
+    specs = parse_sources(name, loading_ratio)
+    docs, docs_key = load_documents(specs, streaming=streaming, cache_dir=cache_dir, num_proc=num_proc,
+                                    hub_overrides=hub_overrides, sentences_per_doc=sentences_per_doc,
+                                    builtin_docs=builtin_docs)
+    tok = _get_tokenizer(tokenizer, docs, docs_key, vocab_size, output_dir, cache_dir)
+    tokens, tokens_key = tokenize_documents(docs, tok, docs_key, cache_dir=cache_dir, num_proc=num_proc)
+    what = f"load_data({name!r}, loading_ratio={loading_ratio})"
+    if len(tokens) < 2:
+        raise DataError(what, f"the corpus has {len(tokens)} document(s) with text; next-sentence prediction "
+                        "needs at least 2 (random segments come from a different document)",
+                        "Give more text (documents are separated by blank lines in .txt files) or a larger ratio.")
+    pairs = build_pairs(tokens, tokens_key, tok, max_len=max_len, short_seq_prob=short_seq_prob, seed=seed,
+                        dupe_factor=dupe_factor, cache_dir=cache_dir, num_proc=num_proc)
+    if len(pairs) == 0:
+        raise DataError(what, "no sentence pair could be built from the corpus", "Give longer documents.")
+    collator = PretrainingCollator.from_tokenizer(
+        tok, max_len=max_len, max_predictions=max_predictions or default_max_predictions(max_len, mlm_probability),
+        mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of)
+    loader = PretrainingLoader(pairs, collator, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                               drop_last=drop_last, num_workers=num_workers, rank=rank, world_size=world_size,
+                               group_by_length=group_by_length, pin_memory=pin_memory)
+    if len(loader) == 0:
+        raise DataError(what, f"{len(pairs)} pairs make no full batch of {batch_size} x {world_size} ranks",
+                        "Use a smaller batch size or more data.")
+    log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
+    loader.tokenizer = tok
+    loader.documents = tokens
+    _ = _hash  # keep the import local
+    return tok, loader
+
+
+def _get_tokenizer(tokenizer, docs, docs_key: str, vocab_size: int, output_dir, cache_dir):
+    from .tokenizer import load_tokenizer, trained_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer  # already a tokenizer object
+    if tokenizer is not None:
+        return load_tokenizer(os.fspath(tokenizer))
+    if output_dir is not None:
+        save_dir = os.path.join(output_dir, "tokenizer")
+    else:
+        root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bertfast")
+        save_dir = os.path.join(root, "tokenizers", f"{docs_key}-{vocab_size}")
+    sentences = (s for batch in docs.iter(batch_size=1000) for doc in batch["sentences"] for s in doc)
+    return trained_tokenizer(save_dir, vocab_size, sentences)

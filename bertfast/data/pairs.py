@@ -1,0 +1,138 @@
+"""Tokenisation and NSP sentence-pair construction, as in BERT's create_pretraining_data.py.
+
+Both are fingerprinted ``datasets`` maps: cached on disk, reused by the next run with the same inputs, parallel
+with ``num_proc``. Pair building draws its randomness per document from (seed, dupe, document index), so the
+pairs do not depend on ``num_proc``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .batch import sample_seed
+from .sources import VERSION, _hash, cached_map
+
+
+class _Tokenize:
+    """Documents (lists of sentences) -> lists of token-id lists; empty sentences and documents dropped."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch):
+        flat = [s for doc in batch["sentences"] for s in doc]
+        ids = self.tokenizer(flat, add_special_tokens=False, return_attention_mask=False,
+                             return_token_type_ids=False, verbose=False)["input_ids"] if flat else []
+        out, i = [], 0
+        for doc in batch["sentences"]:
+            toks = [t for t in ids[i : i + len(doc)] if t]
+            i += len(doc)
+            if toks:
+                out.append(toks)
+        return {"tokens": out}
+
+
+def tokenize_documents(docs, tokenizer, docs_key: str, *, cache_dir=None, num_proc=None):
+    fp = _hash([docs_key, tokenizer.backend_tokenizer.to_str(), "tokenize", VERSION])
+    return cached_map(docs, _Tokenize(tokenizer), fingerprint=fp, cache_dir=cache_dir, batched=True,
+                      num_proc=num_proc, remove_columns=docs.column_names, desc="tokenizing"), fp
+
+
+def truncate_seq_pair(tokens_a: list, tokens_b: list, max_num_tokens: int, rng: random.Random) -> None:
+    """Trim the longer segment first, one token at a time from its front or back at random (in place)."""
+    while len(tokens_a) + len(tokens_b) > max_num_tokens:
+        trunc = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
+        if rng.random() < 0.5:
+            del trunc[0]
+        else:
+            trunc.pop()
+
+
+def instances_from_document(doc_index: int, document: list[list[int]], random_document, n_docs: int,
+                            max_len: int, short_seq_prob: float, rng: random.Random):
+    """NSP pairs ``(tokens_a, tokens_b, is_next)`` from one document (create_instances_from_document).
+
+    Segments are filled with whole sentences up to a target length (``max_len - 3``, or with probability
+    ``short_seq_prob`` a random shorter one); A is a random number of the gathered sentences. With probability
+    1/2 (always, when only one sentence was gathered) B is a random span of another document and the unused
+    sentences are put back; otherwise B is the rest of the gathered sentences: the real continuation.
+    """
+    max_num_tokens = max_len - 3
+    target = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target = rng.randint(2, max_num_tokens)
+    out = []
+    chunk: list[list[int]] = []
+    length = 0
+    i = 0
+    while i < len(document):
+        chunk.append(document[i])
+        length += len(document[i])
+        if i == len(document) - 1 or length >= target:
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            tokens_a = [t for s in chunk[:a_end] for t in s]
+            keep = True
+            if len(chunk) == 1 or rng.random() < 0.5:
+                is_next = 0
+                target_b = target - len(tokens_a)
+                j = doc_index
+                for _ in range(10):  # a different document (the original tries 10 times too)
+                    j = rng.randrange(n_docs)
+                    if j != doc_index:
+                        break
+                keep = j != doc_index  # only a one-document corpus (or 10 unlucky draws) gets here
+                other = random_document(j)
+                tokens_b = []
+                for s in other[rng.randrange(len(other)) :]:
+                    tokens_b.extend(s)
+                    if len(tokens_b) >= target_b:
+                        break
+                i -= len(chunk) - a_end  # put the unused sentences back
+            else:
+                is_next = 1
+                tokens_b = [t for s in chunk[a_end:] for t in s]
+            truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+            if keep and tokens_a and tokens_b:
+                out.append((tokens_a, tokens_b, is_next))
+            chunk, length = [], 0
+        i += 1
+    return out
+
+
+class _BuildPairs:
+    def __init__(self, tokens_ds, cls_id: int, sep_id: int, max_len: int, short_seq_prob: float, seed: int,
+                 dupe_factor: int):
+        self.tokens_ds, self.cls_id, self.sep_id = tokens_ds, cls_id, sep_id
+        self.max_len, self.short_seq_prob, self.seed, self.dupe_factor = max_len, short_seq_prob, seed, dupe_factor
+
+    def __call__(self, batch, indices):
+        out = {"input_ids": [], "len_a": [], "is_next": [], "length": []}
+        n_docs = len(self.tokens_ds)
+        fetch = lambda j: self.tokens_ds[j]["tokens"]  # noqa: E731
+        for dupe in range(self.dupe_factor):
+            for doc, idx in zip(batch["tokens"], indices):
+                rng = random.Random(sample_seed(self.seed, 1_000_003 + dupe, idx))
+                for a, b, is_next in instances_from_document(idx, doc, fetch, n_docs, self.max_len,
+                                                             self.short_seq_prob, rng):
+                    ids = [self.cls_id, *a, self.sep_id, *b, self.sep_id]
+                    out["input_ids"].append(ids)
+                    out["len_a"].append(len(a) + 2)
+                    out["is_next"].append(is_next)
+                    out["length"].append(len(ids))
+        return out
+
+
+def build_pairs(tokens_ds, tokens_key: str, tokenizer, *, max_len: int, short_seq_prob: float, seed: int,
+                dupe_factor: int = 1, cache_dir=None, num_proc=None):
+    """One row per NSP instance: ``input_ids`` ([CLS] A [SEP] B [SEP]), ``len_a``, ``is_next``, ``length``."""
+    import datasets
+
+    fp = _hash([tokens_key, max_len, short_seq_prob, seed, dupe_factor, "pairs", VERSION])
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")), "len_a": datasets.Value("int32"),
+        "is_next": datasets.Value("int8"), "length": datasets.Value("int32")})
+    fn = _BuildPairs(tokens_ds, tokenizer.cls_token_id, tokenizer.sep_token_id, max_len, short_seq_prob, seed,
+                     dupe_factor)
+    return cached_map(tokens_ds, fn, fingerprint=fp, cache_dir=cache_dir, batched=True, with_indices=True,
+                      num_proc=num_proc, remove_columns=tokens_ds.column_names, features=features,
+                      desc="building NSP pairs")
