@@ -1,0 +1,225 @@
+"""The model against transformers' BertForPreTraining on the same weights, and its input checks."""
+import pytest
+import torch
+
+import bertfast
+from bertfast import BertConfig, BertForPreTraining
+from bertfast.hf import convert_to_hf
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = [
+    dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_len=40),
+    dict(vocab_size=211, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+         max_len=64, type_vocab_size=3, pad_token_idx=3),
+]
+
+
+def _hf_model(cfg: BertConfig, seed: int):
+    """A transformers model with random weights everywhere (LayerNorms and biases included)."""
+    from bertfast.hf import to_hf_config
+
+    hf = transformers.BertForPreTraining(to_hf_config(cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            scale = 0.5 if "LayerNorm" in name else 0.05
+            base = 1.0 if name.endswith("LayerNorm.weight") else 0.0
+            p.copy_(base + scale * torch.randn(p.shape, generator=g))
+    return hf.eval()
+
+
+def _batch(cfg: BertConfig, b: int, s: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    lengths = torch.randint(2, s + 1, (b,), generator=g)
+    lengths[0] = s  # one full row
+    mask = (torch.arange(s)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, cfg.pad_token_idx))
+    types = (torch.arange(s)[None, :] >= (lengths[:, None] // 2)).long() * mask  # segment A then B
+    labels = torch.full((b, s), -100)
+    chosen = (torch.rand(b, s, generator=g) < 0.3) & mask.bool()
+    chosen[:, 0] = False
+    chosen[0, 1] = True
+    labels[chosen] = torch.randint(0, cfg.vocab_size, (int(chosen.sum()),), generator=g)
+    nsp = torch.randint(0, 2, (b,), generator=g)
+    return ids, mask, types, labels, nsp
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("cfg_kwargs", CONFIGS)
+@pytest.mark.parametrize("unpad", [True, False])
+def test_matches_transformers(cfg_kwargs, unpad):
+    cfg = BertConfig(**cfg_kwargs)
+    hf = _hf_model(cfg, seed=1)
+    ours = BertForPreTraining.from_hf(hf, impl="torch", unpad=unpad).eval()
+    b, s = 4, 23
+    ids, mask, types, labels, nsp = _batch(cfg, b, s, seed=2)
+
+    # Without labels: full-sequence MLM logits (compared at real positions) and NSP logits.
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        out = ours(ids, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    assert out.prediction_scores.shape == (b, s, cfg.vocab_size)
+    assert _rel(out.prediction_scores[real], ref.prediction_logits[real]) < 1e-5
+    assert _rel(out.seq_relationship_score, ref.seq_relationship_logits) < 1e-5
+
+    # With labels: the total loss and the gradient of every parameter.
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    ref.loss.backward()
+    total, scores, nsp_scores = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                                     next_sentence_label=nsp)
+    total.backward()
+    assert abs(total.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    n_pred = int((labels != -100).sum())
+    assert scores.shape == (n_pred, cfg.vocab_size)
+    assert _rel(scores, ref.prediction_logits[labels != -100]) < 1e-5
+
+    grads = convert_to_hf({n: p.grad for n, p in ours.named_parameters()}, cfg)
+    checked = 0
+    for name, p in hf.named_parameters():
+        assert p.grad is not None, name
+        # key biases have an exactly-zero true gradient (softmax ignores a per-row shift): float noise ~1e-11
+        assert (grads[name] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-9, name
+        checked += 1
+    assert checked == len(list(hf.parameters()))
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_label_forms_agree(unpad):
+    cfg = BertConfig(**CONFIGS[0])
+    model = BertForPreTraining(cfg, impl="torch", unpad=unpad).eval()
+    b, s = 3, 17
+    ids, mask, types, labels, nsp = _batch(cfg, b, s, seed=5)
+    p = 8
+    positions = torch.full((b, p), -1)
+    mlm_labels = torch.full((b, p), -100)
+    for i in range(b):
+        pos = (labels[i] != -100).nonzero().squeeze(1)[:p]
+        positions[i, :len(pos)] = pos
+        mlm_labels[i, :len(pos)] = labels[i, pos]
+    labels = torch.where(
+        torch.zeros_like(labels, dtype=torch.bool).scatter(1, positions.clamp(min=0), positions >= 0),
+        labels, torch.full_like(labels, -100))
+    a = model(ids, mask, types, labels=labels, next_sentence_label=nsp)
+    bb = model(ids, mask, types, mlm_positions=positions, mlm_labels=mlm_labels, next_sentence_label=nsp)
+    torch.testing.assert_close(a.loss, bb.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.mlm_loss, bb.mlm_loss, rtol=1e-6, atol=1e-6)
+    assert bb.prediction_scores.shape == (b * p, cfg.vocab_size)
+    assert torch.equal(bb.mlm_targets, mlm_labels.reshape(-1))
+
+
+def test_unpadded_equals_padded_in_training_grads():
+    cfg = BertConfig(**CONFIGS[0], dropout=0.0, attention_dropout=0.0)
+    base = BertForPreTraining(cfg, impl="torch")
+    ids, mask, types, labels, nsp = _batch(cfg, 5, 19, seed=7)
+    grads = []
+    for unpad in (True, False):
+        base.zero_grad()
+        base(ids, mask, types, labels=labels, next_sentence_label=nsp, unpad=unpad).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in base.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_hf_state_dict_roundtrip_strict():
+    cfg = BertConfig(**CONFIGS[1])
+    model = BertForPreTraining(cfg)
+    sd = model.to_hf_state_dict()
+    hf = transformers.BertForPreTraining(bertfast.hf.to_hf_config(cfg))
+    hf.load_state_dict(sd, strict=True)
+    back = BertForPreTraining.from_hf(hf.state_dict(), config=cfg)
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    inferred = BertForPreTraining.from_hf(sd)  # sizes read from the tensors (heads = hidden / 64)
+    assert inferred.config.num_hidden_layers == cfg.num_hidden_layers
+    assert inferred.config.vocab_size == cfg.vocab_size
+
+
+def test_keyword_constructor_and_presets():
+    m = BertForPreTraining(vocab_size=120, type_vocab_size=2, hidden_size=64, max_len=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=96, dropout=0.1, pad_token_idx=0)
+    assert m.config.hidden_size == 64 and len(m.layers) == 2
+    for name, (layers, hidden) in bertfast.model.PRESETS.items():
+        c = BertConfig.preset(name)
+        assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (
+            layers, hidden, hidden // 64, 4 * hidden)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        BertConfig.preset("huge")
+
+
+def test_init_follows_bert():
+    m = BertForPreTraining(BertConfig.preset("mini", vocab_size=3000))
+    w = m.layers[0].ffn_in.weight
+    assert abs(w.std().item() - 0.02) < 0.002
+    assert torch.count_nonzero(m.layers[0].ffn_in.bias) == 0
+    assert torch.all(m.layers[0].attn_norm.weight == 1) and torch.count_nonzero(m.layers[0].attn_norm.bias) == 0
+    assert torch.count_nonzero(m.word_embeddings.weight[m.config.pad_token_idx]) == 0
+
+
+def test_output_unpacks_like_notebooks():
+    cfg = BertConfig(**CONFIGS[0])
+    model = BertForPreTraining(cfg, impl="torch")
+    ids, mask, types, labels, nsp = _batch(cfg, 2, 9, seed=3)
+    total_loss, prediction_scores, seq_relationship_score = model.forward(
+        input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    assert total_loss.dim() == 0 and seq_relationship_score.shape == (2, 2)
+    correct = seq_relationship_score.argmax(dim=-1).eq(nsp.squeeze(-1)).sum().item()
+    assert 0 <= correct <= 2
+
+
+class TestErrors:
+    cfg = BertConfig(**CONFIGS[0])
+
+    def model(self):
+        return BertForPreTraining(self.cfg, impl="torch")
+
+    def test_heads_must_divide_hidden(self):
+        with pytest.raises(ValueError, match="hidden_size=100 is not divisible by num_attention_heads=3"):
+            BertConfig(hidden_size=100, num_attention_heads=3)
+
+    def test_too_long(self):
+        with pytest.raises(ValueError, match=r"seqlen 41 > max_len=40"):
+            self.model()(torch.zeros(1, 41, dtype=torch.long))
+
+    def test_token_id_out_of_vocab(self):
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        ids[1, 3] = 97
+        with pytest.raises(ValueError, match=r"token id 97, outside \[0, vocab_size=97\)"):
+            self.model()(ids)
+        ids[1, 3] = -2
+        with pytest.raises(ValueError, match=r"token id -2"):
+            self.model()(ids)
+
+    def test_token_type_out_of_range(self):
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"token_type_ids holds 2, outside \[0, type_vocab_size=2\)"):
+            self.model()(ids, token_type_ids=torch.full_like(ids, 2))
+
+    @pytest.mark.parametrize("name", ["attention_mask", "token_type_ids", "labels"])
+    def test_shape_mismatch(self, name):
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        with pytest.raises(ValueError, match=rf"{name} has shape \(2, 4\) but input_ids has \(2, 5\)"):
+            self.model()(ids, **{name: torch.zeros(2, 4, dtype=torch.long)})
+
+    def test_label_form_mismatches(self):
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        with pytest.raises(ValueError, match="give both or neither"):
+            self.model()(ids, mlm_positions=torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"must both be \[batch=2, P\]"):
+            self.model()(ids, mlm_positions=torch.zeros(2, 3, dtype=torch.long),
+                         mlm_labels=torch.zeros(2, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"outside \[-1, seqlen=5\)"):
+            self.model()(ids, mlm_positions=torch.full((2, 3), 5), mlm_labels=torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match="one per sequence"):
+            self.model()(ids, next_sentence_label=torch.zeros(3, dtype=torch.long))
+
+    def test_bad_impl(self):
+        with pytest.raises(ValueError, match="impl='cuda' is not one of"):
+            bertfast.ops.layer_norm(torch.zeros(2, 4), torch.ones(4), torch.zeros(4), impl="cuda")
+        with pytest.raises(ValueError, match="impl='ext' has no layer_norm"):
+            bertfast.ops.layer_norm(torch.zeros(2, 4), torch.ones(4), torch.zeros(4), impl="ext")
