@@ -114,6 +114,13 @@ def test_collator_pads_to_multiple_of_8():
     batch = col(samples)
     assert batch.input_ids.shape == (2, 16) and batch.is_next.tolist() == [1, 0]
     assert torch.equal(col(samples).labels, batch.labels)  # the per-sample seed fixes the mask
+    wide = PretrainingCollator(vocab_size=50, pad_token_id=0, mask_token_id=4, max_predictions=20)(samples)
+    assert wide.mlm_positions.shape == (2, 20) and wide.input_ids.shape == (2, 10)  # P wider than the batch
+    for b in range(2):
+        pos = (wide.labels[b] != -100).nonzero().squeeze(-1)
+        assert pos.numel() == 1 and wide.mlm_positions[b, 0] == pos[0] and (wide.mlm_positions[b, 1:] == -1).all()
+        assert wide.mlm_labels[b, 0] == wide.labels[b, pos[0]] and (wide.mlm_labels[b, 1:] == -100).all()
+    assert torch.equal(wide.labels[1], batch.labels[1, :10])  # padding does not change a sample's mask
 
 
 # ------------------------------------------------------------------------------------------------ pairs

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masking import default_max_predictions, mask_tokens
+from .masking import default_max_predictions, mask_from_draws
 
 _MASK64 = (1 << 64) - 1
 
@@ -98,34 +98,43 @@ class PretrainingCollator:
 
     def __call__(self, samples: list[dict]) -> Batch:
         B = len(samples)
-        S = max(len(s["input_ids"]) for s in samples)
+        lens = torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long)
+        len_a = torch.tensor([int(s["len_a"]) for s in samples], dtype=torch.long)
+        S = int(lens.max())
         if self.pad_to_multiple_of:
             S = -(-S // self.pad_to_multiple_of) * self.pad_to_multiple_of
         P = self.max_predictions
+        rows = torch.arange(B)
+        pos = torch.arange(S)
+        real = pos < lens[:, None]  # [B, S]
         input_ids = torch.full((B, S), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((B, S), -100, dtype=torch.long)
-        attention_mask = torch.zeros((B, S), dtype=torch.long)
-        token_type_ids = torch.zeros((B, S), dtype=torch.long)
-        mlm_positions = torch.full((B, P), -1, dtype=torch.long)
-        mlm_labels = torch.full((B, P), -100, dtype=torch.long)
-        is_next = torch.empty(B, dtype=torch.long)
-        for b, s in enumerate(samples):
-            ids = torch.as_tensor(s["input_ids"], dtype=torch.long)
-            n, len_a = ids.numel(), int(s["len_a"])
-            special = torch.zeros(n, dtype=torch.bool)
-            special[[0, len_a - 1, n - 1]] = True
-            gen = self.generator
-            if s.get("seed") is not None:
-                gen = torch.Generator().manual_seed(int(s["seed"]))
-            masked, lab = mask_tokens(ids, special, self.vocab_size, self.mask_token_id, self.mlm_probability,
-                                      generator=gen, max_predictions=P)
-            input_ids[b, :n] = masked
-            labels[b, :n] = lab
-            attention_mask[b, :n] = 1
-            token_type_ids[b, len_a:n] = 1
-            pos = (lab != -100).nonzero().squeeze(-1)  # ascending, at most P by construction
-            mlm_positions[b, : pos.numel()] = pos
-            mlm_labels[b, : pos.numel()] = lab[pos]
-            is_next[b] = int(s["is_next"])
-        return Batch(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                     labels=labels, mlm_positions=mlm_positions, mlm_labels=mlm_labels, is_next=is_next)
+        input_ids[real] = torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long)
+        special = ~real
+        special[rows, 0] = special[rows, len_a - 1] = special[rows, lens - 1] = True  # [CLS], [SEP], [SEP]
+        # Every random draw of a sample comes from its own generator, in its own length: a sample's mask does
+        # not depend on the batch it is in (padding, neighbours, rank, worker).
+        priority, action, random_ids = torch.ones(B, S), torch.ones(B, S), torch.zeros(B, S, dtype=torch.long)
+        draws = []
+        for s, n in zip(samples, lens.tolist()):
+            g = self.generator if s.get("seed") is None else torch.Generator().manual_seed(int(s["seed"]))
+            draws.append((torch.rand(n, generator=g), torch.rand(n, generator=g),
+                          torch.randint(self.vocab_size, (n,), generator=g)))
+        priority[real] = torch.cat([d[0] for d in draws])
+        action[real] = torch.cat([d[1] for d in draws])
+        random_ids[real] = torch.cat([d[2] for d in draws])
+        input_ids, labels = mask_from_draws(input_ids, special, priority, action, random_ids, self.mask_token_id,
+                                            self.mlm_probability, max_predictions=P)
+        # Static form: the predicted positions of each row in ascending order, then -1 (at most P by construction).
+        width = max(S, P)
+        chosen = labels != -100
+        key = torch.where(chosen, pos, S + pos)  # chosen positions first, in order
+        if width > S:
+            key = torch.cat([key, torch.full((B, width - S), 2 * S + width)], dim=1)
+        first = key.sort(dim=1).values[:, :P]
+        valid = first < S
+        mlm_positions = torch.where(valid, first, torch.full_like(first, -1))
+        mlm_labels = torch.where(valid, labels.gather(1, first.clamp(max=S - 1)), torch.full_like(first, -100))
+        return Batch(input_ids=input_ids, attention_mask=real.long(),
+                     token_type_ids=((pos >= len_a[:, None]) & real).long(), labels=labels,
+                     mlm_positions=mlm_positions, mlm_labels=mlm_labels,
+                     is_next=torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long))

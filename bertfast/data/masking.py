@@ -41,11 +41,22 @@ def mask_tokens(
         )
     if not 0.0 <= mlm_probability <= 1.0:
         raise ValueError(f"mask_tokens: mlm_probability must be in [0, 1], got {mlm_probability}")
+    dev, shape = input_ids.device, input_ids.shape
+    priority = torch.rand(shape, generator=generator, device=dev)
+    action = torch.rand(shape, generator=generator, device=dev)
+    random_ids = torch.randint(vocab_size, shape, generator=generator, device=dev, dtype=input_ids.dtype)
+    return mask_from_draws(input_ids, special_tokens_mask, priority, action, random_ids, mask_token_id,
+                           mlm_probability, max_predictions)
+
+
+def mask_from_draws(input_ids, special_tokens_mask, priority, action, random_ids, mask_token_id: int,
+                    mlm_probability: float = 0.15, max_predictions: int | None = None):
+    """The decisions of :func:`mask_tokens` from given uniform draws (``priority``, ``action`` in [0, 1) and
+    ``random_ids``, each shaped like ``input_ids``): the collator draws them per sample, of the sample's own
+    length, then masks the padded batch at once."""
     special = special_tokens_mask.bool()
-    dev = input_ids.device
-    shape = input_ids.shape
     # Random priority per position; special positions sort last so they are never chosen.
-    priority = torch.rand(shape, generator=generator, device=dev).masked_fill(special, 2.0)
+    priority = priority.masked_fill(special, 2.0)
     n = (~special).sum(-1, keepdim=True)  # [..., 1] candidates per row
     k = torch.round(n.double() * mlm_probability).long()
     if mlm_probability > 0:
@@ -56,8 +67,6 @@ def mask_tokens(
     chosen = rank < k
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     # 80% [MASK], 10% random token, 10% unchanged.
-    action = torch.rand(shape, generator=generator, device=dev)
-    random_ids = torch.randint(vocab_size, shape, generator=generator, device=dev, dtype=input_ids.dtype)
     masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
-    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids.to(input_ids.dtype), masked)
     return masked, labels
