@@ -1,0 +1,667 @@
+"""Fused bidirectional attention for BERT (FlashAttention-2 style), forward and backward, in Triton.
+
+Layout. q, k, v are `[batch, seqlen, heads, head_dim]` (padded) or `[total_tokens, heads, head_dim]` (varlen),
+with ANY strides over the leading dims (the model passes views of one fused QKV projection output,
+`[B, S, 3, H, D]` unbound), as long as head_dim is contiguous. The kernels take the strides explicitly.
+
+Sequences. Every kernel runs one program per (row block, batch * head) and reads its sequence's extent from
+`SEQ`:
+  * varlen (IS_VARLEN): SEQ = cu_seqlens, the sequence is rows cu[b] .. cu[b+1] of the token dimension.
+  * padded: SEQ = per-sequence "extent" = 1 + index of the last real token (0 for an all-padding sequence),
+    rows 0 .. extent of the sequence; rows past the extent are padding and are written as zeros. Inside the
+    extent the key padding mask itself (HAS_MASK) is applied, so masks with holes are also exact.
+Key blocks past the extent are never loaded, so a 60%-full padded batch costs ~0.36x the work of a full one.
+
+Math (per sequence and head, scale c = softmax_scale, keep mask Z with P(Z=1) = 1 - p, r = 1 / (1 - p)):
+  forward:   S = c Q K^T (masked keys -> -inf), P = softmax(S), O = (P * Z * r) V, LSE = logsumexp(S)
+             computed block by block with the online softmax; nothing of size seqlen x seqlen is stored.
+  backward:  recompute P = exp(S - LSE); Pd = P * Z * r
+             dV = Pd^T dO;  dP = (dO V^T) * Z * r;  Delta = rowsum(dO * O) (= rowsum(dP * P));
+             dS = P * (dP - Delta);  dQ = c dS K;  dK = c dS^T Q
+  dK/dV iterate over query blocks per key block, dQ over key blocks per query block (two kernels, no atomics).
+Padded query rows (and query rows masked out) get LSE = +inf so that P = 0 there in the backward: their
+output is zero, hence they receive and pass on no gradient.
+
+Dropout. The keep mask is never stored: it is regenerated from Philox(seed, counter) with the counter
+(q * max_seqlen + k, batch * heads + head) identifying each (batch*head, query, key) uniquely, in the forward
+and again in both backward kernels. `dropout_keep_mask` returns that same mask densely for tests.
+
+Precision. Dot products in the input dtype with float32 accumulation; the softmax statistics, LSE and Delta
+are float32. For float32 inputs on a GPU, `tl.dot` uses TF32 (10-bit mantissa) tensor cores, like
+torch's `allow_tf32` matmuls: expect ~1e-3 relative error. Under TRITON_INTERPRET=1 (CPU) float32 dots are exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, max_seqlen, dropout_p):
+    """Keep mask (True = kept, probability 1 - dropout_p) for the tile rows x cols (they broadcast).
+
+    The Philox counter is (rows * max_seqlen + cols, bh, 0, 0): unique per (batch*head, query, key) for
+    max_seqlen < 65536. Shared by every kernel, so forward and backward see the same mask."""
+    c0 = (rows * max_seqlen + cols).to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + bh.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(r) > dropout_p
+
+
+@triton.jit
+def _seq_extent(SEQ, b, IS_VARLEN: tl.constexpr):
+    """(first token row, number of rows) of sequence b."""
+    if IS_VARLEN:
+        start = tl.load(SEQ + b)
+        seqlen = tl.load(SEQ + b + 1) - start
+    else:
+        start = b * 0
+        seqlen = tl.load(SEQ + b)
+    return start, seqlen
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,          # inputs, rows (token dim) x heads x head_dim, strides below, head_dim contiguous
+    O,                # output, same shape as Q
+    LSE,              # float32 log-sum-exp (natural log) per (batch, head, row); +inf at padded/masked rows
+    MASK,             # uint8 key padding mask [batch, max_seqlen] (1 = real token); read only if HAS_MASK
+    SEQ,              # int32: cu_seqlens [batch + 1] (varlen) or extents [batch] (padded)
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,   # LSE strides over batch and head (row stride is 1)
+    stride_mb,
+    n_heads, max_seqlen,
+    sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    if IS_VARLEN:
+        if pid_m * BLOCK_M >= seqlen:
+            return
+        row_limit = seqlen       # rows past the sequence belong to the next one: never write them
+    else:
+        row_limit = max_seqlen   # padded rows are written (as zeros)
+    # int64 base offsets: the token dimension times its stride can exceed int32 on big batches
+    start64 = start.to(tl.int64)
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + start64 * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + start64 * stride_ks + h * stride_kh
+    v_base = V + b64 * stride_vb + start64 * stride_vs + h * stride_vh
+    o_base = O + b64 * stride_ob + start64 * stride_os + h * stride_oh
+    l_base = LSE + b64 * stride_lb + h * stride_lh + start64
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seqlen
+    q_ok = row_ok
+    if HAS_MASK:
+        q_ok = q_ok & (tl.load(MASK + b64 * stride_mb + offs_m, mask=row_ok, other=0) != 0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if pid_m * BLOCK_M < seqlen:
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+        for start_n in range(0, seqlen, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < seqlen
+            if HAS_MASK:
+                col_ok = col_ok & (tl.load(MASK + b64 * stride_mb + cols, mask=col_ok, other=0) != 0)
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                        mask=(cols < seqlen)[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: avoid -inf - -inf
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], max_seqlen, dropout_p)
+                p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) rescale is applied once at the end
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                        mask=(cols < seqlen)[:, None] & d_ok[None, :], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out_scale = 1.0 / l_safe
+    if HAS_DROPOUT:
+        out_scale = out_scale / (1.0 - dropout_p)
+    acc = acc * out_scale[:, None]
+    acc = tl.where(q_ok[:, None], acc, 0.0)
+    lse = tl.where(q_ok, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("inf"))
+    out_rows = offs_m < row_limit
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=out_rows[:, None] & d_ok[None, :])
+    tl.store(l_base + offs_m, lse, mask=out_rows)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,                # forward output
+    DO,               # gradient of the output
+    DELTA,            # float32 rowsum(dO * O), same layout as LSE
+    SEQ,              # as in the forward
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,
+    n_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    start64 = start.to(tl.int64)
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b64 * stride_ob + start64 * stride_os + h * stride_oh + offs_m[:, None] * stride_os
+                + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_dob + start64 * stride_dos + h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + start64 + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V,          # forward inputs
+    DO,               # gradient of the output
+    DK, DV,           # outputs: gradients of k and v (same strides as each other)
+    LSE, DELTA,       # float32 per-row statistics from the forward / the preprocess
+    MASK, SEQ,        # as in the forward
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_lb, stride_lh,
+    stride_mb,
+    n_heads, max_seqlen,
+    sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    # one program per block of BLOCK_N keys; it streams over all query blocks (the transposed tiles, [N, M])
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    if IS_VARLEN:
+        if pid_n * BLOCK_N >= seqlen:
+            return
+        row_limit = seqlen
+    else:
+        row_limit = max_seqlen
+    start64 = start.to(tl.int64)
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + start64 * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + start64 * stride_ks + h * stride_kh
+    v_base = V + b64 * stride_vb + start64 * stride_vs + h * stride_vh
+    do_base = DO + b64 * stride_dob + start64 * stride_dos + h * stride_doh
+    dk_base = DK + b64 * stride_dkb + start64 * stride_dks + h * stride_dkh
+    dv_base = DV + b64 * stride_dkb + start64 * stride_dks + h * stride_dkh
+    l_base = LSE + b64 * stride_lb + h * stride_lh + start64
+    d_base = DELTA + b64 * stride_lb + h * stride_lh + start64
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    key_in = offs_n < seqlen
+    col_ok = key_in
+    if HAS_MASK:
+        col_ok = col_ok & (tl.load(MASK + b64 * stride_mb + offs_n, mask=key_in, other=0) != 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if pid_n * BLOCK_N < seqlen:
+        kv_msk = key_in[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_msk, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_msk, other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        for start_m in range(0, seqlen, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < seqlen
+            qd_msk = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=qd_msk, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=qd_msk, other=0.0)
+            lse = tl.load(l_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(d_base + rows, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale                 # S^T [BLOCK_N, BLOCK_M], base 2
+            p_t = tl.math.exp2(s_t - lse[None, :])                  # P^T; 0 at padded query rows (LSE=inf)
+            p_t = tl.where(col_ok[:, None], p_t, 0.0)               # masked keys
+            dp_t = tl.dot(v, tl.trans(do))                          # (dO V^T)^T
+            if HAS_DROPOUT:
+                keep_t = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], max_seqlen, dropout_p)
+                rescale = 1.0 / (1.0 - dropout_p)
+                pd_t = tl.where(keep_t, p_t * rescale, 0.0)
+                dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
+            else:
+                pd_t = p_t
+            dv = tl.dot(pd_t.to(do.dtype), do, dv)                  # dV += Pd^T dO
+            ds_t = p_t * (dp_t - delta[None, :])                    # dS^T = P^T * (dP^T - Delta)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk)                    # dK += dS^T Q  (times c below)
+    dk = dk * sm_scale
+    out_msk = (offs_n < row_limit)[:, None] & d_ok[None, :]
+    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_msk)
+    tl.store(dv_base + offs_n[:, None] * stride_dks + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_msk)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V,          # forward inputs
+    DO,               # gradient of the output
+    DQ,               # output: gradient of q
+    LSE, DELTA,       # float32 per-row statistics
+    MASK, SEQ,        # as in the forward
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    stride_mb,
+    n_heads, max_seqlen,
+    sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    # one program per block of BLOCK_M queries; it streams over all key blocks
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    if IS_VARLEN:
+        if pid_m * BLOCK_M >= seqlen:
+            return
+        row_limit = seqlen
+    else:
+        row_limit = max_seqlen
+    start64 = start.to(tl.int64)
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + start64 * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + start64 * stride_ks + h * stride_kh
+    v_base = V + b64 * stride_vb + start64 * stride_vs + h * stride_vh
+    do_base = DO + b64 * stride_dob + start64 * stride_dos + h * stride_doh
+    dq_base = DQ + b64 * stride_dqb + start64 * stride_dqs + h * stride_dqh
+    l_base = LSE + b64 * stride_lb + h * stride_lh + start64
+    d_base = DELTA + b64 * stride_lb + h * stride_lh + start64
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seqlen
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if pid_m * BLOCK_M < seqlen:
+        qd_msk = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_msk, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_msk, other=0.0)
+        lse = tl.load(l_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(d_base + offs_m, mask=row_ok, other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        for start_n in range(0, seqlen, BLOCK_N):
+            cols = start_n + offs_n
+            key_in = cols < seqlen
+            col_ok = key_in
+            if HAS_MASK:
+                col_ok = col_ok & (tl.load(MASK + b64 * stride_mb + cols, mask=key_in, other=0) != 0)
+            kv_msk = key_in[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_msk, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_msk, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            p = tl.where(col_ok[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], max_seqlen, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])                          # dS = P * (dP - Delta)
+            dq = tl.dot(ds.to(k.dtype), k, dq)                      # dQ += dS K  (times c below)
+    dq = dq * sm_scale
+    tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=(offs_m < row_limit)[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    OUT,              # uint8 [batch * heads, max_seqlen, max_seqlen], 1 = kept
+    max_seqlen, dropout_p, seed,
+    BLOCK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], max_seqlen, dropout_p)
+    msk = (rows < max_seqlen)[:, None] & (cols < max_seqlen)[None, :]
+    base = OUT + bh.to(tl.int64) * max_seqlen * max_seqlen
+    tl.store(base + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.uint8), mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------
+
+KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+
+
+def attention_config(kind: str, head_dim: int, dtype: torch.dtype, capability: int | None) -> dict:
+    """Block sizes and launch settings for one attention kernel.
+
+    kind: one of KINDS. capability: 80, 90, ... (major * 10 + minor) of the CUDA device, or None for the
+    CPU interpreter. Returns {"BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"}; BLOCK_M is the
+    query-block size, BLOCK_N the key-block size, for every kind.
+
+    Chosen from the shared-memory budget (sm_80: 163 KB, sm_90: 227 KB per block) and checked to compile
+    without register spills (ptxas -v) for head_dim 32/64/128 and fp16/bf16/fp32; not yet tuned on a GPU.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    if head_dim > 256:
+        raise ValueError(f"head_dim={head_dim} is not supported (at most 256)")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if capability is None:
+        # interpreter: fewer, larger programs run faster; sizes are not multiples of typical seqlens
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
+    wide = dtype == torch.float32   # 4-byte operands: half the tile for the same shared memory
+    big_d = block_d >= 128
+    if kind == "bwd_preprocess":
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
+    if kind == "fwd":
+        # 128 query rows over 2 warpgroups (8 warps): 4 warps hit 255 registers and spill with dropout on
+        block_m, block_n, num_warps = 128, 64, 8
+        if wide:
+            block_n = 32 if big_d else 64
+        num_stages = 3 if capability >= 90 else 2
+    elif kind == "bwd_dkdv":
+        # the K and V block and the dK, dV accumulators stay in registers; Q and dO stream (pipelined)
+        block_m, block_n, num_warps = 32, 128, 8
+        if big_d or wide:
+            block_m, block_n = 32, 64
+        num_stages = 3 if capability >= 90 else 2
+    else:  # bwd_dq: the Q, dO block and the dQ accumulator stay in registers; K and V stream
+        block_m, block_n, num_warps = 128, 32, 8
+        if big_d or wide:
+            block_m, block_n = 64, 32
+        num_stages = 3 if capability >= 90 else 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps,
+            "num_stages": num_stages}
+
+
+def _capability(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(q, k, v, varlen: bool):
+    want = 3 if varlen else 4
+    layout = "[total_tokens, heads, head_dim]" if varlen else "[batch, seqlen, heads, head_dim]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; attention supports float16, bfloat16, float32")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must share dtype and device")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim={q.shape[-1]} is not supported (at most 256)")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides4(t, varlen: bool):
+    """(batch, token, head) strides; varlen tensors have no batch dim (stride 0)."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _seq_info(q, key_padding_mask, cu_seqlens, max_seqlen):
+    """(varlen?, batch, max_seqlen, SEQ int32 tensor, uint8 mask or None)."""
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens must be 1-D [batch + 1]")
+        if max_seqlen is None:
+            raise ValueError("varlen attention needs max_seqlen")
+        if max_seqlen >= 65536:
+            raise ValueError("max_seqlen must be < 65536 (dropout counter layout)")
+        return True, cu_seqlens.numel() - 1, int(max_seqlen), cu_seqlens.to(torch.int32).contiguous(), None
+    b, s = q.shape[0], q.shape[1]
+    if s >= 65536:
+        raise ValueError("seqlen must be < 65536 (dropout counter layout)")
+    if key_padding_mask is None:
+        return False, b, s, torch.full((b,), s, dtype=torch.int32, device=q.device), None
+    if key_padding_mask.shape != (b, s):
+        raise ValueError(f"key_padding_mask must be [batch, seqlen] = {(b, s)}, got {tuple(key_padding_mask.shape)}")
+    mask = key_padding_mask.to(device=q.device, dtype=torch.bool).contiguous()
+    # extent = 1 + index of the last real token (0 when none); computed on the device, no host sync
+    pos = torch.arange(1, s + 1, device=q.device, dtype=torch.int32)
+    extent = torch.where(mask, pos, torch.zeros((), dtype=torch.int32, device=q.device)).amax(dim=1)
+    return False, b, s, extent.to(torch.int32).contiguous(), mask.view(torch.uint8)
+
+
+def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
+                      dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
+                      out=None, lse=None):
+    """Fused attention forward. Padded (q [B, S, H, D] + optional bool key_padding_mask [B, S]) or varlen
+    (q [T, H, D] + cu_seqlens int32 [B + 1] + max_seqlen). Returns (out like q, contiguous; lse float32
+    [B, H, S] padded or [H, T] varlen, natural log, +inf at padded rows). `out`/`lse` may be given (tests
+    pass NaN-filled buffers to prove every element is written)."""
+    varlen = cu_seqlens is not None
+    _check_inputs(q, k, v, varlen)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    varlen, batch, max_seqlen, seq, mask = _seq_info(q, key_padding_mask, cu_seqlens, max_seqlen)
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        shape = (heads, q.shape[0]) if varlen else (batch, heads, max_seqlen)
+        lse = torch.empty(shape, dtype=torch.float32, device=q.device)
+    lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    if batch == 0 or q.numel() == 0:
+        return out, lse
+    cfg = attention_config("fwd", head_dim, q.dtype, _capability(q.device))
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, mask if mask is not None else seq, seq,
+        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
+        *lse_strides, mask.stride(0) if mask is not None else 0,
+        heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed),
+        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        IS_VARLEN=varlen, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
+                       dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
+                       dq=None, dk=None, dv=None):
+    """Gradients (dq, dk, dv) of attention_forward, given its out and lse and the same arguments."""
+    varlen = cu_seqlens is not None
+    _check_inputs(q, k, v, varlen)
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    varlen, batch, max_seqlen, seq, mask = _seq_info(q, key_padding_mask, cu_seqlens, max_seqlen)
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    if dk is None and dv is None:
+        # dK and dV share one allocation so the kernel has one set of strides for both
+        dkv = torch.empty((2,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+        dk, dv = dkv[0], dkv[1]
+    if dk.stride() != dv.stride():
+        raise ValueError("dk and dv must have the same strides")
+    if batch == 0 or q.numel() == 0:
+        return dq, dk, dv
+    delta = torch.empty_like(lse)
+    lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    cap = _capability(q.device)
+    mask_arg = mask if mask is not None else seq
+    mask_stride = mask.stride(0) if mask is not None else 0
+    common = dict(HEAD_DIM=head_dim, IS_VARLEN=varlen)
+
+    cfg = attention_config("bwd_preprocess", head_dim, q.dtype, cap)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)](
+        out, do, delta, seq, *_strides4(out, varlen), *_strides4(do, varlen), *lse_strides, heads,
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **common)
+
+    flags = dict(common, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0)
+    scalars = (heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed))
+    cfg = attention_config("bwd_dkdv", head_dim, q.dtype, cap)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), batch * heads)](
+        q, k, v, do, dk, dv, lse, delta, mask_arg, seq,
+        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
+        *_strides4(dk, varlen), *lse_strides, mask_stride, *scalars,
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+
+    cfg = attention_config("bwd_dq", head_dim, q.dtype, cap)
+    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)](
+        q, k, v, do, dq, lse, delta, mask_arg, seq,
+        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
+        *_strides4(dq, varlen), *lse_strides, mask_stride, *scalars,
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_seqlen: int,
+                      device="cpu") -> torch.Tensor:
+    """The keep mask the kernels draw for (seed, dropout_p): bool [batch, heads, max_seqlen, max_seqlen],
+    True = kept; element [b, h, i, j] is query i, key j of sequence b (its local positions, padded or varlen).
+    Dense: for tests at small sizes only."""
+    out = torch.empty((batch * heads, max_seqlen, max_seqlen), dtype=torch.uint8, device=device)
+    block = 64
+    grid = (triton.cdiv(max_seqlen, block), triton.cdiv(max_seqlen, block), batch * heads)
+    _dropout_mask_kernel[grid](out, max_seqlen, float(dropout_p), int(seed), BLOCK=block)
+    return out.view(batch, heads, max_seqlen, max_seqlen).to(torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU-compile contract
+# ----------------------------------------------------------------------------------------------------------
+
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def gpu_compile_cases(capability: int) -> list[dict]:
+    """Every configuration the launchers pick at BERT shapes (seqlen 512, batch 32, 12 heads; head_dim
+    32/64/128; fp16/bf16/fp32), padded with mask, no dropout, plus varlen with dropout at head_dim 64 (the
+    constexpr flags do not change the tile sizes). bytes/flops are per launch at B=32, S=512, H=12.
+
+    Each case also carries "attrs" ({(arg index,): [["tt.divisibility", 16]]}, the ASTSource `attrs`
+    argument): the divisibility the JIT sees at these shapes. Compile with
+    `ASTSource(fn, signature, constexprs, attrs)` to get the code that actually runs."""
+    B, S, H = 32, 512, 12
+    cases = []
+    for head_dim in (32, 64, 128):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            ty = _TY[dtype]
+            es = torch.tensor([], dtype=dtype).element_size()
+            tensor_bytes = B * S * H * head_dim * es
+            row_bytes = B * S * H * 4
+            fwd_flops = 4 * B * S * S * H * head_dim
+            flag_sets = [(False, True, False)]
+            if head_dim == 64:
+                flag_sets.append((True, False, True))
+            for is_varlen, has_mask, has_dropout in flag_sets:
+                tag = f"d{head_dim}_{ty}" + ("_varlen_dropout" if is_varlen else "_padded_mask")
+                flags = {"IS_VARLEN": is_varlen, "HAS_MASK": has_mask, "HAS_DROPOUT": has_dropout}
+                for kind, fn in (("fwd", _attn_fwd_kernel), ("bwd_dkdv", _attn_bwd_dkdv_kernel),
+                                 ("bwd_dq", _attn_bwd_dq_kernel), ("bwd_preprocess", _attn_bwd_preprocess_kernel)):
+                    if kind == "bwd_preprocess" and is_varlen:
+                        continue
+                    cfg = attention_config(kind, head_dim, dtype, capability)
+                    sig, consts, attrs = _signature(fn, ty, head_dim, cfg, flags)
+                    if kind == "fwd":
+                        nbytes, flops = 4 * tensor_bytes + row_bytes, fwd_flops
+                    elif kind == "bwd_preprocess":
+                        nbytes, flops = 2 * tensor_bytes + row_bytes, 2 * B * S * H * head_dim
+                    elif kind == "bwd_dkdv":   # 4 S x S x D matmuls (S^T, dP^T, dV, dK)
+                        nbytes, flops = 6 * tensor_bytes + 2 * row_bytes, 2 * fwd_flops
+                    else:                      # 3 matmuls (S, dP, dQ)
+                        nbytes, flops = 5 * tensor_bytes + 2 * row_bytes, 3 * fwd_flops // 2
+                    cases.append({"name": f"attention_{kind}_{tag}", "fn": fn, "signature": sig,
+                                  "constexprs": consts, "attrs": attrs, "num_warps": cfg["num_warps"],
+                                  "num_stages": cfg["num_stages"], "uses_mma": kind != "bwd_preprocess",
+                                  "bytes": nbytes, "flops": flops})
+    return cases
+
+
+def _signature(fn, ty: str, head_dim: int, cfg: dict, flags: dict):
+    """Triton 3.x signature/constexprs for `fn` with tensors of type `ty`."""
+    consts = {"HEAD_DIM": head_dim, "BLOCK_D": cfg["BLOCK_D"], "BLOCK_M": cfg["BLOCK_M"]}
+    if "BLOCK_N" in fn.arg_names:
+        consts["BLOCK_N"] = cfg["BLOCK_N"]
+    for k, val in flags.items():
+        if k in fn.arg_names:
+            consts[k] = val
+    pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "SEQ": "*i32"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif name.isupper():
+            sig[name] = "*" + ty
+        elif name in ("sm_scale", "dropout_p"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    # What the JIT specialises at these shapes: 16-byte aligned pointers and integers divisible by 16 (the
+    # strides, seqlen) get tt.divisibility=16, which is what lets the loads vectorise and pipeline (cp.async /
+    # TMA-free async copies). Without it the compiled code is not the one that runs.
+    div16 = ("stride_", "max_seqlen")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith(div16))}
+    return sig, consts, attrs

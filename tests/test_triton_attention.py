@@ -1,0 +1,384 @@
+"""Fused Triton attention (bertfast.kernels.attention, bertfast.ops._triton_attention) against a float64
+explicit-softmax reference, forward and every gradient, padded and varlen, with and without dropout.
+
+On CPU the kernels run in Triton's interpreter (float32 and float16; bfloat16 tl.dot is broken there, so bf16
+and large shapes are marked `gpu`). Shapes stay small (batch * heads <= 6) to keep the interpreter fast.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import needs_interpreter
+
+from bertfast import ops, reference
+from bertfast.kernels import attention as K
+from bertfast.ops import _triton_attention as T
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference: explicit masked softmax (not SDPA), in the dtype of its inputs
+# ------------------------------------------------------------------------------------------------------------
+
+def ref_attention(q, k, v, mask, scale, keep=None, dropout_p=0.0):
+    """q, k, v [B, S, H, D]; mask bool [B, S] (True = real); keep bool [B, H, S, S] or None.
+    out[b, i] = sum_j P[b, i, j] * keep / (1 - p) * v[b, j], P = softmax over real keys; 0 at padded rows."""
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully padded sequence: no real key
+    e = torch.exp(s - m)
+    p = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    out = torch.einsum("bhij,bjhd->bihd", p, v)
+    return out * mask[:, :, None, None].to(out.dtype)
+
+
+def _ref_with_grads(q, k, v, mask, scale, dout, dtype, keep=None, dropout_p=0.0):
+    """(out, dq, dk, dv) of ref_attention computed in `dtype`."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = ref_attention(*leaves, mask, scale, keep, dropout_p)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    return (out.detach(),) + grads
+
+
+def _fused_qkv(b, s, h, d, dtype, device):
+    """q, k, v as the model makes them: views of one [B, S, 3, H, D] projection (non-contiguous)."""
+    qkv = torch.randn(b, s, 3, h, d, device=device, dtype=torch.float32).to(dtype)
+    return qkv.unbind(2)
+
+
+def _lengths(b, s, generator=None):
+    """Random lengths per sequence including 0 and full (the first two)."""
+    lens = torch.randint(1, s + 1, (b,), generator=generator)
+    lens[0] = 0
+    if b > 1:
+        lens[1] = s
+    return lens
+
+
+def _mask(lens, s, device):
+    return torch.arange(s, device=device)[None, :] < lens.to(device)[:, None]
+
+
+# tolerances: |kernel - ref64| <= 2 * |ref_same_dtype - ref64| + atol (flash-attention's rule), max norm
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ATOL_TF32 = 2e-3  # float32 on a GPU: tl.dot uses TF32 (10-bit mantissa), torch's reference does not
+
+
+def _atol(dtype, device):
+    return ATOL_TF32 if (dtype == torch.float32 and device.type == "cuda") else ATOL[dtype]
+
+
+def _assert_close_to_ref(name, got, ref64, ref_same, dtype, valid=None):
+    got, ref64, ref_same = got.double(), ref64.double(), ref_same.double()
+    assert not torch.isnan(got).any(), f"{name} has NaN"
+    err = (got - ref64).abs().max().item()
+    base = (ref_same - ref64).abs().max().item()
+    bound = 2 * base + _atol(dtype, got.device) * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (same-dtype torch error {base:.3g})"
+
+
+def _nan_like(t, shape=None, dtype=None):
+    return torch.full(t.shape if shape is None else shape, float("nan"), dtype=dtype or t.dtype, device=t.device)
+
+
+def _check_padded(b, s, h, d, dtype, lens, dropout_p=0.0, seed=0, scale=None):
+    dev = _device()
+    q, k, v = _fused_qkv(b, s, h, d, dtype, dev)
+    mask = _mask(lens, s, dev)
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    # launcher level, every output buffer NaN-filled so an unwritten element fails
+    out = _nan_like(q, q.shape)
+    lse = torch.full((b, h, s), float("nan"), device=dev)
+    out, lse = K.attention_forward(q, k, v, key_padding_mask=mask, dropout_p=dropout_p, softmax_scale=scale,
+                                   seed=seed, out=out, lse=lse)
+    dout = torch.randn(out.shape, device=dev).to(dtype)
+    dq, dk, dv = (_nan_like(q, q.shape) for _ in range(3))
+    dq, dk, dv = K.attention_backward(dout, q, k, v, out, lse, key_padding_mask=mask, dropout_p=dropout_p,
+                                      softmax_scale=scale, seed=seed, dq=dq, dk=dk, dv=dv)
+    keep = K.dropout_keep_mask(seed, dropout_p, b, h, s, device=dev) if dropout_p > 0 else None
+    ref64 = _ref_with_grads(q, k, v, mask, sc, dout, torch.float64, keep, dropout_p)
+    same = _ref_with_grads(q, k, v, mask, sc, dout, dtype, keep, dropout_p)
+    for name, got, r64, rs in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref64, same):
+        _assert_close_to_ref(name, got, r64, rs, dtype)
+    # padding gives exact zeros (outputs at padded query rows, gradients of padded tokens)
+    pad = ~mask
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert (t[pad] == 0).all(), f"{name} is not zero at padded tokens"
+    # lse: natural-log logsumexp at real rows, +inf at padded ones
+    s64 = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * sc
+    s64 = s64.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse_ref = torch.logsumexp(s64, dim=-1)  # [B, H, S]
+    real = mask[:, None, :].expand(b, h, s)
+    torch.testing.assert_close(lse[real].double(), lse_ref[real], atol=max(1e-5, _atol(dtype, dev)), rtol=1e-3)
+    assert torch.isinf(lse[~real]).all() and (lse[~real] > 0).all()
+    return out, dq, dk, dv
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("seqlen", [1, 17, 100, 129])
+def test_padded_matches_reference(seqlen, head_dim, dtype):
+    b, h = 3, 2
+    lens = _lengths(b, seqlen)
+    _check_padded(b, seqlen, h, head_dim, dtype, lens)
+
+
+@needs_interpreter
+def test_all_padding_gives_zeros_not_nan():
+    b, s, h, d = 2, 23, 2, 32
+    _check_padded(b, s, h, d, torch.float32, torch.zeros(b, dtype=torch.int64))
+
+
+@needs_interpreter
+def test_no_mask_and_custom_scale():
+    b, s, h, d = 2, 37, 2, 32
+    dev = _device()
+    q, k, v = (t.requires_grad_() for t in (torch.randn(b, s, h, d, device=dev) for _ in range(3)))
+    out = T.attention(q, k, v, None, 0.0, 0.3)
+    dout = torch.randn_like(out)
+    got = (out,) + torch.autograd.grad(out, (q, k, v), dout)
+    ref = _ref_with_grads(q, k, v, torch.ones(b, s, dtype=torch.bool, device=dev), 0.3, dout, torch.float64)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-4)
+
+
+@needs_interpreter
+def test_mask_with_holes():
+    """A key padding mask that is not a prefix is applied exactly (keys and query rows)."""
+    b, s, h, d = 2, 41, 2, 32
+    dev = _device()
+    q, k, v = _fused_qkv(b, s, h, d, torch.float32, dev)
+    mask = torch.rand(b, s, device=dev) < 0.6
+    mask[:, 0] = True
+    out, lse = K.attention_forward(q, k, v, key_padding_mask=mask)
+    dout = torch.randn_like(out)
+    grads = K.attention_backward(dout, q, k, v, out, lse, key_padding_mask=mask)
+    ref = _ref_with_grads(q, k, v, mask, 1 / math.sqrt(d), dout, torch.float64)
+    for g, r in zip((out,) + tuple(grads), ref):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-4)
+
+
+def _unpad(x, mask):
+    return x[mask]  # [total_tokens, H, D], tokens in (batch, position) order
+
+
+def _cu_seqlens(lens, device):
+    return torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32).to(device)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_equals_padded(dtype, dropout_p):
+    """varlen on the unpadded tokens gives the padded result at the real tokens (output and gradients),
+    including with dropout: the keep mask is indexed by positions inside each sequence."""
+    b, s, h, d = 3, 70, 2, 64
+    dev = _device()
+    lens = torch.tensor([0, s, 45])
+    mask = _mask(lens, s, dev)
+    q, k, v = (t.detach().requires_grad_() for t in _fused_qkv(b, s, h, d, dtype, dev))
+    torch.manual_seed(7)
+    out_p = T.attention(q, k, v, mask, dropout_p)
+    dout = torch.randn(out_p.shape, device=dev).to(dtype)
+    grads_p = torch.autograd.grad(out_p, (q, k, v), dout)
+
+    ql, kl, vl = (_unpad(t.detach(), mask).requires_grad_() for t in (q, k, v))
+    torch.manual_seed(7)
+    out_v = T.varlen_attention(ql, kl, vl, _cu_seqlens(lens, dev), s, dropout_p)
+    grads_v = torch.autograd.grad(out_v, (ql, kl, vl), _unpad(dout, mask))
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out_v, _unpad(out_p, mask), **tol)
+    for gv, gp in zip(grads_v, grads_p):
+        torch.testing.assert_close(gv, _unpad(gp, mask), **tol)
+
+
+@needs_interpreter
+def test_varlen_matches_project_reference():
+    """Against bertfast.reference.varlen_attention (the impl="torch" path) through the public dispatch."""
+    dev = _device()
+    lens = torch.tensor([5, 0, 33, 1])
+    cu = _cu_seqlens(lens, dev)
+    total, h, d = int(lens.sum()), 2, 32
+    q, k, v = (torch.randn(total, h, d, device=dev, requires_grad=True) for _ in range(3))
+    out = ops.varlen_attention(q, k, v, cu, 33, impl="triton")
+    ref = reference.varlen_attention(q, k, v, cu, 33)
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    gr = torch.autograd.grad(ref, (q, k, v), dout)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    for a, r in zip(g, gr):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dropout
+# ------------------------------------------------------------------------------------------------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_matches_reference_with_kernel_mask(dtype):
+    """softmax * keep / (1 - p) with the kernel's own keep mask: output and all gradients."""
+    b, s, h, d = 3, 50, 2, 32
+    lens = torch.tensor([0, s, 29])
+    _check_padded(b, s, h, d, dtype, lens, dropout_p=0.3, seed=1234)
+
+
+@needs_interpreter
+def test_dropout_same_seed_same_output_and_torch_seed_controls_it():
+    b, s, h, d = 2, 33, 2, 32
+    dev = _device()
+    q, k, v = _fused_qkv(b, s, h, d, torch.float32, dev)
+    mask = _mask(torch.tensor([20, 33]), s, dev)
+    torch.manual_seed(3)
+    o1 = T.attention(q, k, v, mask, 0.2)
+    torch.manual_seed(3)
+    o2 = T.attention(q, k, v, mask, 0.2)
+    o3 = T.attention(q, k, v, mask, 0.2)  # the generator moved on: a different mask
+    assert torch.equal(o1, o2)
+    assert not torch.equal(o1, o3)
+    # the op's seed is draw_seed() after torch.manual_seed: the helper's mask reproduces its output exactly
+    torch.manual_seed(3)
+    keep = T.dropout_keep_mask(T.draw_seed(), 0.2, b, h, s, device=dev)
+    ref = ref_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d), keep, 0.2)
+    torch.testing.assert_close(o1.double(), ref, atol=2e-5, rtol=1e-4)
+    no_drop = ref_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d))
+    assert (o1.double() - no_drop).abs().max() > 1e-2  # dropout did something
+
+
+@needs_interpreter
+def test_dropout_keep_rate_and_independence():
+    p, b, h, s = 0.1, 1, 2, 200
+    keep = K.dropout_keep_mask(99, p, b, h, s)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # heads, rows and seeds draw different masks; the mask is not symmetric in (query, key)
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep[0, 0], keep[0, 0].T)
+    assert not torch.equal(keep, K.dropout_keep_mask(100, p, b, h, s))
+    # per-row keep rates are all plausible (no stuck rows)
+    row_rate = keep.float().mean(-1)
+    assert (row_rate - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / s)
+    # and a given (seed, p, batch, heads, max_seqlen) gives the same mask on every call
+    assert torch.equal(keep, K.dropout_keep_mask(99, p, b, h, s))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.library registration
+# ------------------------------------------------------------------------------------------------------------
+
+@needs_interpreter
+def test_opcheck():
+    dev = _device()
+    b, s, h, d = 2, 9, 2, 32
+    q, k, v = (t.detach().requires_grad_() for t in _fused_qkv(b, s, h, d, torch.float32, dev))
+    mask = _mask(torch.tensor([4, 9]), s, dev)
+    fwd = torch.ops.bertfast.flash_attention_fwd.default
+    torch.library.opcheck(fwd, (q, k, v, mask, None, s, 0.1, 0.3, T.draw_seed()))
+    lens = torch.tensor([4, 9])
+    ql, kl, vl = (_unpad(t.detach(), mask).requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(fwd, (ql, kl, vl, None, _cu_seqlens(lens, dev), s, 0.0, 0.3, None))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), mask, None, s, 0.0, 0.3, None)
+    torch.library.opcheck(torch.ops.bertfast.flash_attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, None, s, 0.0,
+                           0.3, None))
+
+
+@needs_interpreter
+def test_torch_compile_fullgraph():
+    dev = _device()
+    b, s, h, d = 2, 9, 2, 32
+    q, k, v = (t.detach().requires_grad_() for t in _fused_qkv(b, s, h, d, torch.float32, dev))
+    mask = _mask(torch.tensor([4, 9]), s, dev)
+
+    def f(q, k, v):
+        return T.attention(q, k, v, mask, 0.1).sum()
+
+    torch.manual_seed(1)
+    eager = f(q, k, v)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(1)
+    got = compiled(q, k, v)
+    got.backward()
+    assert torch.isfinite(got) and q.grad is not None and torch.isfinite(q.grad).all()
+    torch.testing.assert_close(got, eager)
+
+
+def test_launch_config_choices():
+    """The launch-config function: every kind/head_dim/dtype/capability gives power-of-two blocks >= 16
+    (tl.dot's minimum) and the blocks the compile cases report."""
+    for cap in (None, 80, 90):
+        for kind in K.KINDS:
+            for d in (32, 64, 80, 128):
+                for dt in (torch.float16, torch.bfloat16, torch.float32):
+                    cfg = K.attention_config(kind, d, dt, cap)
+                    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
+                        assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (kind, d, dt, cap, cfg)
+                    assert cfg["BLOCK_D"] >= d
+    names = [c["name"] for c in K.gpu_compile_cases(90)]
+    assert len(names) == len(set(names))
+    for kind in K.KINDS:
+        for d in (32, 64, 128):
+            assert any(n.startswith(f"attention_{kind}_d{d}_") for n in names)
+    with pytest.raises(ValueError):
+        K.attention_config("fwd", 512, torch.float16, 90)
+
+
+def test_input_validation():
+    q = torch.randn(2, 8, 2, 32)
+    with pytest.raises(ValueError, match="same shape"):
+        K.attention_forward(q, q, q[:, :4])
+    with pytest.raises(TypeError, match="dtype"):
+        K.attention_forward(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        K.attention_forward(q, q, q, key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: bfloat16, BERT and long shapes
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("seqlen", [128, 512, 1000])
+def test_gpu_padded_matches_reference(seqlen, head_dim, dtype):
+    b, h = 4, 3
+    _check_padded(b, seqlen, h, head_dim, dtype, _lengths(b, seqlen))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_dropout_and_varlen(dtype):
+    b, s, h, d = 4, 300, 4, 64
+    lens = torch.tensor([0, s, 77, 200])
+    _check_padded(b, s, h, d, dtype, lens, dropout_p=0.1, seed=42)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_long_sequence(head_dim):
+    b, s, h = 1, 4096, 2
+    _check_padded(b, s, h, head_dim, torch.bfloat16, torch.tensor([4000]))
+
+
+@pytest.mark.gpu
+def test_gpu_matches_sdpa_bert_shape():
+    dev = torch.device("cuda")
+    b, s, h, d = 8, 512, 12, 64
+    q, k, v = (t.detach().requires_grad_() for t in _fused_qkv(b, s, h, d, torch.bfloat16, dev))
+    lens = torch.randint(1, s + 1, (b,))
+    mask = _mask(lens, s, dev)
+    out = T.attention(q, k, v, mask)
+    ref = reference.attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
