@@ -1,0 +1,497 @@
+"""Fused (bias + dropout +) residual + LayerNorm in Triton, forward and backward.
+
+    h = dropout(x + x_bias) + residual          (x_bias, dropout and residual each optional)
+    y = (h - mean(h)) * rstd * weight + bias,   rstd = 1 / sqrt(var(h) + eps), over the last dim
+
+Layers: the @triton.jit kernels; the plain launchers `layer_norm_fwd` / `layer_norm_bwd` (check inputs, allocate,
+pick the launch configuration with `fwd_config` / `bwd_config`, launch); the autograd-aware torch.library ops
+live in bertfast/ops/_triton_norm.py.
+
+Memory plan. The forward reads x (+ residual) and writes y, plus mean and rstd in float32 (one float each per
+row). It does not store h: the backward recomputes it from x, x_bias, residual and the dropout seed, which moves
+as many bytes as storing h would (write h once + read it once == read x and residual once more) and keeps no
+extra activation alive. The dropout keep-mask is never stored either: it is regenerated from (seed, element
+index) with Philox (`tl.rand`), identically in both passes; `dropout_keep_mask` exposes the same mask for tests.
+
+The weight / bias / x_bias gradients are column sums over all rows. The backward runs a persistent grid of G
+programs, each walking the row tiles pid, pid + G, ...; each accumulates its partial column sums in float32
+registers and writes them once to a [G, N] float32 buffer, which is then reduced once with a sum over G (no
+atomics, no locks).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest row the kernels take: the whole row lives in registers (one block). 8192 was checked to compile without
+# spills for sm_80 and sm_90 with the warps `_num_warps` picks (ptxas -v, triton 3.8).
+MAX_WIDTH = 8192
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+# SM counts of the usual cards by compute capability, used when no device is at hand (compile cases, CPU).
+_DEFAULT_SMS = {70: 80, 75: 40, 80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dropout_keep(seed, rows64, col_start, N, drop_threshold, BLOCK_N: tl.constexpr):
+    """Keep-mask [BLOCK_M, BLOCK_N] of the tile of rows `rows64`, columns col_start + [0, BLOCK_N).
+
+    Element (r, c) is kept iff (word & 0x7fffffff) >= drop_threshold, where word is lane c % 4 of the four
+    32-bit Philox outputs for counter r * ceil(N / 4) + c // 4 (tl.randint4x). One Philox evaluation serves four
+    elements: 4x less arithmetic and register state than tl.rand per element. col_start must be a multiple of 4.
+    drop_threshold = round(p * 2**31), so the keep rate is 1 - p to within 2**-31."""
+    q = col_start // 4 + tl.arange(0, BLOCK_N // 4)
+    counter = rows64[:, None] * ((N + 3) // 4) + q[None, :]  # int64: Philox takes the high word as well
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    # interleave so that column 4 * q + l takes lane l: join(join(r0, r2), join(r1, r3))[..., i, j] = r_{2i+j}
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (counter.shape[0], BLOCK_N))
+    return (words & 0x7FFFFFFF).to(tl.int32, bitcast=True) >= drop_threshold
+
+
+@triton.jit
+def _load_h(X, XB, R, rows64, cols, mask, col_mask, keep, stride_x, stride_r, dropout_scale,
+            HAS_XBIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """h = dropout(x + x_bias) + residual for the tile, in float32 (0 outside `mask`); `keep` is the tile's
+    dropout keep-mask (ignored unless HAS_DROPOUT)."""
+    h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_XBIAS:
+        h += tl.load(XB + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROPOUT:
+        h = tl.where(keep, h * dropout_scale, 0.0)
+    if HAS_RESIDUAL:
+        h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # *[M, N] input (the dense layer's output)
+    XB,  # *[N] bias added to x before dropout (read only if HAS_XBIAS)
+    R,  # *[M, N] residual added after dropout (read only if HAS_RESIDUAL)
+    W,  # *[N] LayerNorm weight
+    B,  # *[N] LayerNorm bias
+    Y,  # *[M, N] output, dtype of x
+    MEAN,  # *[M] float32 mean of h, saved for the backward
+    RSTD,  # *[M] float32 1 / sqrt(var(h) + eps), saved for the backward
+    stride_x, stride_r, stride_y,  # row strides in elements (the last dim is contiguous)
+    M, N,  # rows, row width
+    eps,  # LayerNorm epsilon
+    seed,  # Philox seed of the dropout mask
+    drop_threshold,  # round(dropout_p * 2**31): see _dropout_keep
+    dropout_scale,  # 1 / (1 - dropout_p) (0 when p == 1)
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # next power of two >= N: the whole row is one block
+    HAS_XBIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+
+    keep = mask
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, rows64, 0, N, drop_threshold, BLOCK_N)
+    h = _load_h(X, XB, R, rows64, cols, mask, col_mask, keep, stride_x, stride_r, dropout_scale,
+                HAS_XBIAS, HAS_RESIDUAL, HAS_DROPOUT)
+    # two-pass statistics on the register-resident row: mean, then the variance of the centred values
+    mean = tl.sum(h, axis=1) / N
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # *[M, N] gradient of y
+    X, XB, R,  # the forward's inputs, to recompute h (XB / R read only if HAS_XBIAS / HAS_RESIDUAL)
+    W,  # *[N] LayerNorm weight
+    MEAN, RSTD,  # *[M] float32, saved by the forward
+    DX,  # *[M, N] out: gradient of x (dtype of x)
+    DH,  # *[M, N] out: gradient of h == gradient of the residual (written only if STORE_DH)
+    DW_PART, DB_PART, DXB_PART,  # *[G, N] float32 out: per-program column sums (DXB_PART only if HAS_XBIAS)
+    stride_dy, stride_x, stride_r, stride_dx, stride_dh,  # row strides in elements
+    M, N,
+    seed, drop_threshold, dropout_scale,  # the forward's dropout, to regenerate the keep-mask
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_XBIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DH: tl.constexpr,
+):
+    # VJP of y = xhat * w + b, xhat = (h - mean) * rstd, with g = dy * w and means over the row:
+    #   dh = rstd * (g - mean(g) - xhat * mean(g * xhat));  dw = sum_rows dy * xhat;  db = sum_rows dy
+    # then through h = dropout(x + x_bias) + residual:
+    #   dresidual = dh;  dx = dh * keep * scale;  dx_bias = sum_rows dx
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dxb_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(pid * BLOCK_M, M, num_programs * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        # the keep-mask first, while only the accumulators are live (Philox's state is register-hungry)
+        keep = mask
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rows64, 0, N, drop_threshold, BLOCK_N)
+        h = _load_h(X, XB, R, rows64, cols, mask, col_mask, keep, stride_x, stride_r, dropout_scale,
+                    HAS_XBIAS, HAS_RESIDUAL, HAS_DROPOUT)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # w is re-read per tile (an L1/L2 hit) rather than held across the loop: fewer live registers
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        g = dy * w[None, :]
+        c_xhat = tl.sum(g * xhat, axis=1) / N
+        c_g = tl.sum(g, axis=1) / N
+        dh = tl.where(mask, (g - xhat * c_xhat[:, None] - c_g[:, None]) * rstd[:, None], 0.0)
+        dw_acc += tl.sum(dy * xhat, axis=0)
+        db_acc += tl.sum(dy, axis=0)
+        if HAS_DROPOUT:
+            dx = tl.where(keep, dh * dropout_scale, 0.0)
+            if STORE_DH:
+                tl.store(DH + rows64[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+        else:
+            dx = dh
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_XBIAS:
+            dxb_acc += tl.sum(dx, axis=0)
+    part = pid.to(tl.int64) * N + cols
+    tl.store(DW_PART + part, dw_acc, mask=col_mask)
+    tl.store(DB_PART + part, db_acc, mask=col_mask)
+    if HAS_XBIAS:
+        tl.store(DXB_PART + part, dxb_acc, mask=col_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, M, N, seed, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep-mask (int8 0/1) the LayerNorm kernels use for (seed, p) on an [M, N] input."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)
+    keep = _dropout_keep(seed, rows64, tl.program_id(1) * BLOCK_N, N, drop_threshold, BLOCK_N)
+    tl.store(KEEP + rows64[:, None] * N + cols[None, :], keep.to(tl.int8), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch configuration (one place; the launchers and the compile checks call these)
+# ----------------------------------------------------------------------------------------------------------------
+def _block_n(n_cols: int) -> int:
+    if n_cols < 1:
+        raise ValueError(f"layer_norm: the last dim must be at least 1, got {n_cols}")
+    if n_cols > MAX_WIDTH:
+        raise ValueError(f"layer_norm: rows of width {n_cols} are wider than the Triton kernel's limit of "
+                         f"{MAX_WIDTH} (a whole row is held in registers); use impl='torch' for wider rows")
+    return max(4, triton.next_power_of_2(n_cols))  # >= 4: the dropout mask works on groups of 4 columns
+
+
+def _tile(n_rows: int, block_n: int, target: int, max_warps: int = 16) -> tuple[int, int]:
+    """(BLOCK_M, num_warps): narrow rows are packed several to a program so each program holds about `target`
+    elements; warps give each thread ~8 elements per tensor of the tile (16-byte loads in half precision).
+    Heuristic, not yet tuned on a GPU."""
+    block_m = max(1, min(target // block_n, triton.next_power_of_2(max(n_rows, 1)), 64))
+    num_warps = max(1, min(max_warps, block_m * block_n // 256))
+    return block_m, num_warps
+
+
+def fwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 90) -> dict:
+    """Launch settings of `_layer_norm_fwd_kernel` for an [n_rows, n_cols] input:
+    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "grid"}. `capability` is e.g. 80 or 90 (unused today:
+    the same settings are used on every card)."""
+    block_n = _block_n(n_cols)
+    block_m, num_warps = _tile(n_rows, block_n, 4096)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
+            "grid": (triton.cdiv(n_rows, block_m),)}
+
+
+def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 90,
+               num_sms: int | None = None) -> dict:
+    """Launch settings of `_layer_norm_bwd_kernel`: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "grid"}.
+    The grid is persistent: at most a few programs per SM (`num_sms` defaults to the usual card of that
+    capability), each looping over row tiles; the [grid, N] float32 partial sums are reduced afterwards."""
+    block_n = _block_n(n_cols)
+    # up to 32 warps: at N = 8192 the three float32 column accumulators plus the row's working set need
+    # <= 8 elements per thread to fit the 64K-register file without spilling (ptxas -v, sm_80 / sm_90)
+    block_m, num_warps = _tile(n_rows, block_n, 2048, max_warps=32)
+    sms = num_sms or _DEFAULT_SMS.get(capability, 108)
+    per_sm = max(1, 2048 // (32 * num_warps))  # resident programs per SM by threads (2048 threads / SM)
+    programs = max(1, min(triton.cdiv(n_rows, block_m), sms * min(per_sm, 4)))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
+            "grid": (programs,)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _device_info(t: torch.Tensor) -> tuple[int, int | None]:
+    """(capability as major*10+minor, SM count) of t's device; CPU (the interpreter) gets (90, 4): a small grid
+    keeps the interpreter's per-program overhead down."""
+    if t.device.type == "cuda":
+        props = torch.cuda.get_device_properties(t.device)
+        return props.major * 10 + props.minor, props.multi_processor_count
+    return 90, 4
+
+
+def _check_runnable(t: torch.Tensor, what: str) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu":
+        import os
+        if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
+            raise RuntimeError(f"{what}: Triton on CPU tensors needs its interpreter: set TRITON_INTERPRET=1 "
+                               "before triton is imported, or move the tensors to a CUDA device")
+        return
+    raise RuntimeError(f"{what}: tensors on {t.device} are not supported; use CUDA (or CPU with TRITON_INTERPRET=1)")
+
+
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., N] -> [M, N] with a contiguous last dim (copies only if it has to)."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.reshape(-1, n)
+
+
+def _check_vector(name: str, t: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"layer_norm: {name} must be 1-D of size {n} (x's last dim), got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"layer_norm: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+    if t.device != x.device:
+        raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}; move it to {x.device}")
+
+
+def check_inputs(x, weight, bias, residual=None, x_bias=None, dropout_p: float = 0.0) -> None:
+    """Validates the arguments of the fused LayerNorm; the messages say what to change."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"layer_norm: x has dtype {x.dtype}; use float32, float16 or bfloat16")
+    if x.dim() < 1:
+        raise ValueError("layer_norm: x must have at least one dim (the normalised last dim)")
+    n = x.shape[-1]
+    _block_n(n)
+    _check_vector("weight", weight, n, x)
+    _check_vector("bias", bias, n, x)
+    _check_vector("x_bias", x_bias, n, x)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}; "
+                             "they must match")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"layer_norm: residual has dtype {residual.dtype} but x has {x.dtype}; cast one")
+        if residual.device != x.device:
+            raise ValueError(f"layer_norm: residual is on {residual.device} but x is on {x.device}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"layer_norm: dropout_p must be in [0, 1], got {dropout_p}")
+    _check_runnable(x, "layer_norm")
+
+
+def _dropout_scale(p: float) -> float:
+    # p == 1 drops everything: a zero scale makes h and dx zero whatever the mask says
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def _drop_threshold(p: float) -> int:
+    return min(int(round(p * 2.0 ** 31)), 2 ** 31 - 1)
+
+
+def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=None, dropout_p: float = 0.0,
+                   seed: int = 0, out=None, mean=None, rstd=None):
+    """y = LayerNorm(dropout(x + x_bias) + residual) over the last dim; returns (y, mean, rstd).
+
+    x [..., N]; y has x's shape and dtype; mean / rstd are float32 [...]. `out` / `mean` / `rstd` may be given
+    (contiguous, right shape and dtype) to write into. The dropout mask is `dropout_keep_mask(seed, ...)`."""
+    check_inputs(x, weight, bias, residual, x_bias, dropout_p)
+    n = x.shape[-1]
+    x2 = _as_rows(x, n)
+    m = x2.shape[0]
+    r2 = _as_rows(residual, n) if residual is not None else x2
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if mean is None else mean
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if rstd is None else rstd
+    if y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous():
+        raise ValueError("layer_norm: out must be contiguous with x's shape and dtype")
+    if m == 0:
+        return y, mean, rstd
+    y2 = y.view(m, n)
+    cap, _ = _device_info(x)
+    cfg = fwd_config(m, n, x.dtype, cap)
+    has_dropout = dropout_p > 0.0
+    _layer_norm_fwd_kernel[cfg["grid"]](
+        x2, x_bias if x_bias is not None else x2, r2, weight, bias, y2, mean, rstd,
+        x2.stride(0), r2.stride(0), y2.stride(0), m, n, eps, int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
+        HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropout_p: float = 0.0, seed: int = 0,
+                   need_dresidual: bool = True, dx=None, dresidual=None):
+    """Gradients of `layer_norm_fwd`: returns (dx, dresidual, dweight, dbias, dx_bias).
+
+    dresidual is the gradient of h; without dropout it equals dx and the same tensor is returned for both.
+    With dropout it is a separate tensor when `need_dresidual` (else None). dx_bias is None without x_bias.
+    dweight / dbias / dx_bias have the dtype of weight / weight / x_bias."""
+    n = x.shape[-1]
+    if dy.shape != x.shape:
+        raise ValueError(f"layer_norm backward: dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
+    _check_runnable(x, "layer_norm backward")
+    x2 = _as_rows(x, n)
+    dy2 = _as_rows(dy, n)
+    m = x2.shape[0]
+    r2 = _as_rows(residual, n) if residual is not None else x2
+    has_dropout = dropout_p > 0.0
+    store_dh = has_dropout and need_dresidual and residual is not None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
+    dh = None
+    if store_dh:
+        dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dresidual is None else dresidual
+    cap, sms = _device_info(x)
+    cfg = bwd_config(m, n, x.dtype, cap, sms)
+    g = cfg["grid"][0] if m > 0 else 0
+    dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
+    db_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
+    dxb_part = torch.empty((g, n), dtype=torch.float32, device=x.device) if x_bias is not None else dw_part
+    if m > 0:
+        dx2 = dx.view(m, n)
+        dh2 = dh.view(m, n) if dh is not None else dx2
+        _layer_norm_bwd_kernel[cfg["grid"]](
+            dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2,
+            dw_part, db_part, dxb_part,
+            dy2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dh2.stride(0), m, n,
+            int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_DH=store_dh,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dweight = dw_part.sum(0).to(weight.dtype)
+    dbias = db_part.sum(0).to(weight.dtype)
+    dx_bias = dxb_part.sum(0).to(x_bias.dtype) if x_bias is not None else None
+    if residual is None:
+        dres = None
+    elif not has_dropout:
+        dres = dx
+    else:
+        dres = dh
+    return dx, dres, dweight, dbias, dx_bias
+
+
+def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:
+    """The bool keep-mask the LayerNorm kernels apply for this seed and p to an input of `shape` ([..., N]):
+    element i of row r is kept iff Philox-uniform(seed, r * N + i) >= p. For tests and debugging."""
+    shape = tuple(shape)
+    n = shape[-1]
+    m = math.prod(shape[:-1])
+    keep = torch.empty((m, n), dtype=torch.int8, device=device)
+    if keep.numel():
+        _check_runnable(keep, "dropout_keep_mask")
+        bm, bn = 16, max(4, min(triton.next_power_of_2(n), 1024))
+        _dropout_mask_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            keep, m, n, int(seed), _drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+    keep = keep.bool().reshape(shape)
+    return keep & (dropout_p < 1.0)  # p == 1 keeps nothing (the kernels zero everything through the scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU-compile contract
+# ----------------------------------------------------------------------------------------------------------------
+def _divisibility_attrs(fn, signature: dict, ints: dict) -> dict:
+    """The specialisation hints Triton's launcher gives at run time (pointers from the torch allocator are
+    16-byte aligned; ints divisible by 16 are marked so), in `ASTSource(attrs=...)` form, so that a compile
+    check sees the same vectorised loads as the real launch. Optional extra key of a compile case."""
+    attrs = {}
+    for name, ty in signature.items():
+        if ty.startswith("*") or (name in ints and ints[name] % 16 == 0):
+            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+_BERT_WIDTHS = (768, 1024)  # hidden sizes of BERT base / large
+_BERT_ROWS = (32 * 128, 32 * 512)  # batch 32 at seqlen 128 and 512
+_VARIANTS = {  # name -> (HAS_XBIAS, HAS_RESIDUAL, HAS_DROPOUT): what the model calls
+    "bias_dropout_residual": (True, True, True),  # after attention-out / FFN-out dense, training
+    "bias_residual": (True, True, False),  # the same in eval
+    "plain": (False, False, False),  # embeddings LayerNorm
+}
+
+
+def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> list[dict]:
+    """Every (kernel, constexprs, warps) the launchers pick at BERT shapes, for compiling without a GPU.
+
+    `widths` / `rows` can be widened (e.g. widths up to MAX_WIDTH) for register-spill checks."""
+    cases, seen = [], set()
+    for dtype in _DTYPES:
+        ptr, esz = _TL_PTR[dtype], torch.empty((), dtype=dtype).element_size()
+        for n in widths:
+            for m in rows:
+                for vname, (xb, res, drop) in _VARIANTS.items():
+                    f = fwd_config(m, n, dtype, capability)
+                    b = bwd_config(m, n, dtype, capability)
+                    # bytes: fwd reads x (+ residual), writes y, in x's dtype, + 8 B/row of mean/rstd + params;
+                    # bwd reads dy, x (+ residual), writes dx (+ dh), reads mean/rstd, writes the partials.
+                    n_act = 1 + int(res)
+                    fwd_bytes = m * n * esz * (n_act + 1) + 8 * m + 3 * n * 4
+                    n_parts = 2 + int(xb)
+                    bwd_bytes = (m * n * esz * (2 + n_act + int(drop and res)) + 8 * m
+                                 + b["grid"][0] * n * 4 * n_parts)
+                    flag = {"HAS_XBIAS": xb, "HAS_RESIDUAL": res, "HAS_DROPOUT": drop}
+                    fwd = {
+                        "name": f"layer_norm_fwd_{vname}_{str(dtype)[6:]}_M{m}_N{n}_BM{f['BLOCK_M']}_w{f['num_warps']}",
+                        "fn": _layer_norm_fwd_kernel,
+                        "signature": {"X": ptr, "XB": "*fp32", "R": ptr, "W": "*fp32", "B": "*fp32", "Y": ptr,
+                                      "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32",
+                                      "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32", "seed": "i32",
+                                      "drop_threshold": "i32", "dropout_scale": "fp32", "BLOCK_M": "constexpr",
+                                      "BLOCK_N": "constexpr", "HAS_XBIAS": "constexpr",
+                                      "HAS_RESIDUAL": "constexpr", "HAS_DROPOUT": "constexpr"},
+                        "constexprs": {"BLOCK_M": f["BLOCK_M"], "BLOCK_N": f["BLOCK_N"], **flag},
+                        "num_warps": f["num_warps"], "num_stages": f["num_stages"], "uses_mma": False,
+                        "bytes": fwd_bytes, "flops": 8 * m * n,
+                    }
+                    bwd = {
+                        "name": (f"layer_norm_bwd_{vname}_{str(dtype)[6:]}_M{m}_N{n}_BM{b['BLOCK_M']}"
+                                 f"_w{b['num_warps']}"),
+                        "fn": _layer_norm_bwd_kernel,
+                        "signature": {"DY": ptr, "X": ptr, "XB": "*fp32", "R": ptr, "W": "*fp32", "MEAN": "*fp32",
+                                      "RSTD": "*fp32", "DX": ptr, "DH": ptr, "DW_PART": "*fp32",
+                                      "DB_PART": "*fp32", "DXB_PART": "*fp32", "stride_dy": "i32",
+                                      "stride_x": "i32", "stride_r": "i32", "stride_dx": "i32", "stride_dh": "i32",
+                                      "M": "i32", "N": "i32", "seed": "i32", "drop_threshold": "i32",
+                                      "dropout_scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                                      "HAS_XBIAS": "constexpr", "HAS_RESIDUAL": "constexpr",
+                                      "HAS_DROPOUT": "constexpr", "STORE_DH": "constexpr"},
+                        "constexprs": {"BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"], **flag,
+                                       "STORE_DH": drop and res},
+                        "num_warps": b["num_warps"], "num_stages": b["num_stages"], "uses_mma": False,
+                        "bytes": bwd_bytes, "flops": 16 * m * n,
+                    }
+                    for case in (fwd, bwd):
+                        case["attrs"] = _divisibility_attrs(case["fn"], case["signature"], {
+                            "N": n, **{k: n for k in case["signature"] if k.startswith("stride_")}})
+                        if case["name"] not in seen:
+                            seen.add(case["name"])
+                            cases.append(case)
+    return cases
+
+
+__all__ = ["MAX_WIDTH", "fwd_config", "bwd_config", "check_inputs", "layer_norm_fwd", "layer_norm_bwd",
+           "dropout_keep_mask", "gpu_compile_cases"]
