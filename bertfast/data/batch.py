@@ -108,32 +108,28 @@ class PretrainingCollator:
         pos = torch.arange(S)
         real = pos < lens[:, None]  # [B, S]
         input_ids = torch.full((B, S), self.pad_token_id, dtype=torch.long)
-        input_ids[real] = torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long)
+        # Every random draw of a sample comes from its own generator, in its own length: a sample's mask does
+        # not depend on the batch it is in (padding, neighbours, rank, worker). Rows are filled one by one with
+        # small serial ops: no boolean-mask scatter, which goes to torch's thread pool and stalls on a busy CPU.
+        priority, action, random_ids = torch.ones(B, S), torch.ones(B, S), torch.zeros(B, S, dtype=torch.long)
+        for b, (s, n) in enumerate(zip(samples, lens.tolist())):
+            input_ids[b, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+            g = self.generator if s.get("seed") is None else torch.Generator().manual_seed(int(s["seed"]))
+            torch.rand(n, generator=g, out=priority[b, :n])
+            torch.rand(n, generator=g, out=action[b, :n])
+            torch.randint(self.vocab_size, (n,), generator=g, out=random_ids[b, :n])
         special = ~real
         special[rows, 0] = special[rows, len_a - 1] = special[rows, lens - 1] = True  # [CLS], [SEP], [SEP]
-        # Every random draw of a sample comes from its own generator, in its own length: a sample's mask does
-        # not depend on the batch it is in (padding, neighbours, rank, worker).
-        priority, action, random_ids = torch.ones(B, S), torch.ones(B, S), torch.zeros(B, S, dtype=torch.long)
-        draws = []
-        for s, n in zip(samples, lens.tolist()):
-            g = self.generator if s.get("seed") is None else torch.Generator().manual_seed(int(s["seed"]))
-            draws.append((torch.rand(n, generator=g), torch.rand(n, generator=g),
-                          torch.randint(self.vocab_size, (n,), generator=g)))
-        priority[real] = torch.cat([d[0] for d in draws])
-        action[real] = torch.cat([d[1] for d in draws])
-        random_ids[real] = torch.cat([d[2] for d in draws])
         input_ids, labels = mask_from_draws(input_ids, special, priority, action, random_ids, self.mask_token_id,
                                             self.mlm_probability, max_predictions=P)
         # Static form: the predicted positions of each row in ascending order, then -1 (at most P by construction).
-        width = max(S, P)
         chosen = labels != -100
-        key = torch.where(chosen, pos, S + pos)  # chosen positions first, in order
-        if width > S:
-            key = torch.cat([key, torch.full((B, width - S), 2 * S + width)], dim=1)
-        first = key.sort(dim=1).values[:, :P]
-        valid = first < S
-        mlm_positions = torch.where(valid, first, torch.full_like(first, -1))
-        mlm_labels = torch.where(valid, labels.gather(1, first.clamp(max=S - 1)), torch.full_like(first, -100))
+        r, c = chosen.nonzero(as_tuple=True)  # row-major: each row's positions in ascending order
+        slot = chosen.long().cumsum(1)[r, c] - 1
+        mlm_positions = torch.full((B, P), -1, dtype=torch.long)
+        mlm_labels = torch.full((B, P), -100, dtype=torch.long)
+        mlm_positions[r, slot] = c
+        mlm_labels[r, slot] = labels[r, c]
         return Batch(input_ids=input_ids, attention_mask=real.long(),
                      token_type_ids=((pos >= len_a[:, None]) & real).long(), labels=labels,
                      mlm_positions=mlm_positions, mlm_labels=mlm_labels,

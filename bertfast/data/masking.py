@@ -49,6 +49,16 @@ def mask_tokens(
                            mlm_probability, max_predictions)
 
 
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each element along the last dim. On CPU through numpy: single-threaded, so a collator running
+    next to the training loop never waits for torch's intra-op thread pool on these small tensors."""
+    if x.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.argsort(np.argsort(x.numpy(), axis=-1), axis=-1))
+    return x.argsort(-1).argsort(-1)
+
+
 def mask_from_draws(input_ids, special_tokens_mask, priority, action, random_ids, mask_token_id: int,
                     mlm_probability: float = 0.15, max_predictions: int | None = None):
     """The decisions of :func:`mask_tokens` from given uniform draws (``priority``, ``action`` in [0, 1) and
@@ -63,7 +73,7 @@ def mask_from_draws(input_ids, special_tokens_mask, priority, action, random_ids
         k = torch.where(n > 0, k.clamp(min=1), k)
     if max_predictions is not None:
         k = k.clamp(max=max_predictions)
-    rank = priority.argsort(-1).argsort(-1)  # 0 = smallest priority
+    rank = _rank(priority)  # 0 = smallest priority
     chosen = rank < k
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     # 80% [MASK], 10% random token, 10% unchanged.
