@@ -286,6 +286,14 @@ def test_resume_continues_at_the_next_unconsumed_batch(cache):
     assert second.state_dict()["epoch"] == 2 and second.state_dict()["batches_consumed"] == 0
 
 
+def test_pairs_do_not_depend_on_num_proc(tmp_path, builtin):
+    _, ref = builtin
+    _, par = load_data("builtin", cache_dir=str(tmp_path), num_proc=2, tokenizer=ref.tokenizer, **SMALL)
+    assert len(par.pairs) == len(ref.pairs) > 100
+    assert list(par.pairs["input_ids"]) == list(ref.pairs["input_ids"])
+    assert list(par.pairs["is_next"]) == list(ref.pairs["is_next"])
+
+
 def test_rank_shards_equal_the_single_process_global_batch(cache):
     kw = dict(cache_dir=cache, output_dir=os.path.join(cache, "out"), **{**SMALL, "batch_size": 3})
     _, single = load_data("builtin", **{**kw, "batch_size": 6}, drop_last=True)
