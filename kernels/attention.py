@@ -631,7 +631,7 @@ def gpu_compile_cases(capability: int) -> list[dict]:
                     else:                      # 3 matmuls (S, dP, dQ)
                         nbytes, flops = 5 * tensor_bytes + 2 * row_bytes, 3 * fwd_flops // 2
                     cases.append({"name": f"attention_{kind}_{tag}", "fn": fn, "signature": sig,
-                                  "constexprs": consts, "attrs": attrs, "num_warps": cfg["num_warps"],
+                                  "constexprs": consts, "attrs": attrs, "dtype": ty, "num_warps": cfg["num_warps"],
                                   "num_stages": cfg["num_stages"], "uses_mma": kind != "bwd_preprocess",
                                   "bytes": nbytes, "flops": flops})
     return cases
