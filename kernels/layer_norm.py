@@ -40,15 +40,23 @@ _DEFAULT_SMS = {70: 80, 75: 40, 80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120
 # kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dropout_keep(seed, rows64, col_start, N, drop_threshold, BLOCK_N: tl.constexpr):
+def _dropout_keep(seed, rows64, col_start, N, drop_threshold, BLOCK_N: tl.constexpr, AGAIN: tl.constexpr = False):
     """Keep-mask [BLOCK_M, BLOCK_N] of the tile of rows `rows64`, columns col_start + [0, BLOCK_N).
 
     Element (r, c) is kept iff (word & 0x7fffffff) >= drop_threshold, where word is lane c % 4 of the four
     32-bit Philox outputs for counter r * ceil(N / 4) + c // 4 (tl.randint4x). One Philox evaluation serves four
     elements: 4x less arithmetic and register state than tl.rand per element. col_start must be a multiple of 4.
-    drop_threshold = round(p * 2**31), so the keep rate is 1 - p to within 2**-31."""
-    q = col_start // 4 + tl.arange(0, BLOCK_N // 4)
-    counter = rows64[:, None] * ((N + 3) // 4) + q[None, :]  # int64: Philox takes the high word as well
+    drop_threshold = round(p * 2**31), so the keep rate is 1 - p to within 2**-31.
+
+    AGAIN=True computes the very same mask with shifts instead of divisions (equal for the non-negative values
+    here), so the compiler does not merge it with an earlier evaluation: for the widest rows, holding the mask
+    across the backward's reductions costs more registers than drawing it twice."""
+    if AGAIN:
+        q = (col_start >> 2) + tl.arange(0, BLOCK_N // 4)
+        counter = rows64[:, None] * ((N + 3) >> 2) + q[None, :]
+    else:
+        q = col_start // 4 + tl.arange(0, BLOCK_N // 4)
+        counter = rows64[:, None] * ((N + 3) // 4) + q[None, :]  # int64: Philox takes the high word as well
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
     # interleave so that column 4 * q + l takes lane l: join(join(r0, r2), join(r1, r3))[..., i, j] = r_{2i+j}
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (counter.shape[0], BLOCK_N))
@@ -131,6 +139,7 @@ def _layer_norm_bwd_kernel(
     seed, drop_threshold, dropout_scale,  # the forward's dropout, to regenerate the keep-mask
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_XBIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DH: tl.constexpr,
+    REDRAW_KEEP: tl.constexpr,  # draw the keep-mask again for dx instead of holding it (widest rows: registers)
 ):
     # VJP of y = xhat * w + b, xhat = (h - mean) * rstd, with g = dy * w and means over the row:
     #   dh = rstd * (g - mean(g) - xhat * mean(g * xhat));  dw = sum_rows dy * xhat;  db = sum_rows dy
@@ -167,6 +176,8 @@ def _layer_norm_bwd_kernel(
         dw_acc += tl.sum(dy * xhat, axis=0)
         db_acc += tl.sum(dy, axis=0)
         if HAS_DROPOUT:
+            if REDRAW_KEEP:
+                keep = _dropout_keep(seed, rows64, 0, N, drop_threshold, BLOCK_N, AGAIN=True)
             dx = tl.where(keep, dh * dropout_scale, 0.0)
             if STORE_DH:
                 tl.store(DH + rows64[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
@@ -205,12 +216,12 @@ def _block_n(n_cols: int) -> int:
     return max(4, triton.next_power_of_2(n_cols))  # >= 4: the dropout mask works on groups of 4 columns
 
 
-def _tile(n_rows: int, block_n: int, target: int, max_warps: int = 16) -> tuple[int, int]:
+def _tile(n_rows: int, block_n: int, target: int) -> tuple[int, int]:
     """(BLOCK_M, num_warps): narrow rows are packed several to a program so each program holds about `target`
     elements; warps give each thread ~8 elements per tensor of the tile (16-byte loads in half precision).
     Heuristic, not yet tuned on a GPU."""
     block_m = max(1, min(target // block_n, triton.next_power_of_2(max(n_rows, 1)), 64))
-    num_warps = max(1, min(max_warps, block_m * block_n // 256))
+    num_warps = max(1, min(16, block_m * block_n // 256))
     return block_m, num_warps
 
 
@@ -230,14 +241,15 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
     The grid is persistent: at most a few programs per SM (`num_sms` defaults to the usual card of that
     capability), each looping over row tiles; the [grid, N] float32 partial sums are reduced afterwards."""
     block_n = _block_n(n_cols)
-    # up to 32 warps: at N = 8192 the three float32 column accumulators plus the row's working set need
-    # <= 8 elements per thread to fit the 64K-register file without spilling (ptxas -v, sm_80 / sm_90)
-    block_m, num_warps = _tile(n_rows, block_n, 2048, max_warps=32)
+    block_m, num_warps = _tile(n_rows, block_n, 2048)
     sms = num_sms or _DEFAULT_SMS.get(capability, 108)
     per_sm = max(1, 2048 // (32 * num_warps))  # resident programs per SM by threads (2048 threads / SM)
     programs = max(1, min(triton.cdiv(n_rows, block_m), sms * min(per_sm, 4)))
+    # At N = 8192 (16 warps, 16 elements per thread) the three float32 column accumulators plus the row's
+    # working set fill the 128 registers a thread may have; holding the dropout mask too spilled (ptxas -v,
+    # sm_80 / sm_90), drawing it twice does not. Narrower rows keep it (Philox is not free).
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
-            "grid": (programs,)}
+            "grid": (programs,), "REDRAW_KEEP": block_n >= 8192}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,7 +394,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
             int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
             HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_DH=store_dh,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            REDRAW_KEEP=cfg["REDRAW_KEEP"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype)
     dx_bias = dxb_part.sum(0).to(x_bias.dtype) if x_bias is not None else None
@@ -478,9 +490,10 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                                       "M": "i32", "N": "i32", "seed": "i32", "drop_threshold": "i32",
                                       "dropout_scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                                       "HAS_XBIAS": "constexpr", "HAS_RESIDUAL": "constexpr",
-                                      "HAS_DROPOUT": "constexpr", "STORE_DH": "constexpr"},
+                                      "HAS_DROPOUT": "constexpr", "STORE_DH": "constexpr",
+                                      "REDRAW_KEEP": "constexpr"},
                         "constexprs": {"BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"], **flag,
-                                       "STORE_DH": drop and res},
+                                       "STORE_DH": drop and res, "REDRAW_KEEP": b["REDRAW_KEEP"]},
                         "num_warps": b["num_warps"], "num_stages": b["num_stages"], "uses_mma": False,
                         "bytes": bwd_bytes, "flops": 16 * m * n,
                     }

@@ -1,0 +1,358 @@
+"""Triton residual + LayerNorm (with fused bias + dropout) and bias + GELU: forward and every gradient against a
+float64 reference; NaN-prefilled outputs; dropout mask, determinism and keep rate; input validation; opcheck and
+torch.compile tracing. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bertfast import ops, reference
+from bertfast.kernels import gelu as gelu_kernels
+from bertfast.kernels import layer_norm as ln_kernels
+from bertfast.ops import _triton_norm as tn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1",
+    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+
+SHAPES = [(1, 1, 8), (3, 37, 100), (5, 768), (2, 1023), (4, 4096)]
+DTYPES = [  # dtype, atol, rtol: on top of twice the error of eager torch in the same dtype
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 2e-3, 2e-3),
+    (torch.bfloat16, 1e-2, 1e-2),
+]
+EPS = 1e-5
+
+
+def assert_like_ref(name, out, ref64, same_dtype, atol, rtol):
+    """|out - ref64| <= 2 |same_dtype - ref64| + atol + rtol |ref64|, elementwise (flash-attention's rule)."""
+    assert out.shape == ref64.shape, (name, out.shape, ref64.shape)
+    assert out.dtype == same_dtype.dtype, (name, out.dtype, same_dtype.dtype)
+    assert not out.isnan().any(), f"{name}: NaN in output"
+    err = (out.double() - ref64).abs()
+    bound = 2 * (same_dtype.double() - ref64).abs() + atol + rtol * ref64.abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (f"{name}: max err {err.max().item():.3g}, at worst element err "
+                                  f"{err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g}")
+
+
+def ref_layer_norm(x, weight, bias, eps, residual, x_bias, keep, p, compute):
+    """LayerNorm(dropout(x + x_bias) + residual) in `compute` dtype with an explicit keep-mask, cast to x's dtype."""
+    h = x.to(compute)
+    if x_bias is not None:
+        h = h + x_bias.to(compute)
+    if keep is not None:
+        h = torch.where(keep, h * (1.0 / (1.0 - p)), torch.zeros((), dtype=compute, device=h.device))
+    if residual is not None:
+        h = h + residual.to(compute)
+    out = F.layer_norm(h, (h.shape[-1],), weight.to(compute), bias.to(compute), eps)
+    return out.to(x.dtype)
+
+
+def leaves(tensors, dtype=None):
+    return [None if t is None else t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def grads(tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------------------------------------------
+VARIANTS = {  # name -> (residual, x_bias, dropout_p)
+    "plain": (False, False, 0.0),
+    "residual": (True, False, 0.0),
+    "bias_residual": (True, True, 0.0),
+    "bias_dropout_residual": (True, True, 0.1),
+}
+
+
+def make_ln_inputs(shape, dtype, residual, x_bias, param_dtype=torch.float32):
+    n = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    w = (1 + 0.5 * torch.randn(n, device=DEVICE)).to(param_dtype)
+    b = (0.5 * torch.randn(n, device=DEVICE)).to(param_dtype)
+    r = torch.randn(shape, device=DEVICE).to(dtype) if residual else None
+    xb = (0.5 * torch.randn(n, device=DEVICE)).to(param_dtype) if x_bias else None
+    return x, w, b, r, xb
+
+
+def check_layer_norm(shape, dtype, atol, rtol, residual, x_bias, p, param_dtype=torch.float32):
+    x, w, b, r, xb = make_ln_inputs(shape, dtype, residual, x_bias, param_dtype)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    inputs = [x, w, b, r, xb]
+    keep = None
+    torch.manual_seed(1234)
+    if p > 0:
+        keep = tn.dropout_keep_mask(tn.draw_seed(), shape, p, DEVICE)
+        torch.manual_seed(1234)  # layer_norm draws the same seed again
+
+    ours = leaves(inputs)
+    y = tn.layer_norm(ours[0], ours[1], ours[2], EPS, ours[3], x_bias=ours[4], dropout_p=p)
+    y.backward(dy)
+
+    r64 = leaves(inputs, torch.float64)
+    y64 = ref_layer_norm(*r64[:3], EPS, r64[3], r64[4], keep, p, torch.float64)
+    y64.backward(dy.double())
+
+    same = leaves(inputs)  # eager torch on the same dtypes, computed in float32 like bertfast.reference
+    ys = ref_layer_norm(*same[:3], EPS, same[3], same[4], keep, p, torch.float32)
+    ys.backward(dy)
+
+    names = ["x", "weight", "bias", "residual", "x_bias"]
+    assert_like_ref("y", y, y64, ys, atol, rtol)
+    for name, g, g64, gs in zip(names, grads(ours), grads(r64), grads(same)):
+        if g64 is None:
+            continue
+        assert g is not None, f"no gradient for {name}"
+        assert_like_ref(f"d{name}", g, g64, gs, atol, rtol)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_matches_float64(shape, dtype, atol, rtol, variant):
+    residual, x_bias, p = VARIANTS[variant]
+    check_layer_norm(shape, dtype, atol, rtol, residual, x_bias, p)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[1:], ids=lambda v: str(v).replace("torch.", ""))
+def test_layer_norm_half_params(dtype, atol, rtol):
+    """weight / bias / x_bias in the activations' half dtype (a model cast with .to(dtype)); grads keep it."""
+    check_layer_norm((3, 37, 100), dtype, atol, rtol, True, True, 0.1, param_dtype=dtype)
+
+
+def test_layer_norm_widest_row():
+    check_layer_norm((2, ln_kernels.MAX_WIDTH), torch.float32, 1e-5, 1e-5, True, True, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [768, 1024, 3000, 8192])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_layer_norm_gpu_large(n, dtype, atol, rtol):
+    check_layer_norm((4, 512, n), dtype, atol, rtol, True, True, 0.1)
+    check_layer_norm((4, 512, n), dtype, atol, rtol, False, False, 0.0)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bias_dropout_residual"])
+def test_layer_norm_launchers_write_every_element(variant):
+    """Launchers given NaN-filled outputs must overwrite all of them (y, mean, rstd, dx, dresidual)."""
+    residual, x_bias, p = VARIANTS[variant]
+    shape = (3, 37, 100)
+    x, w, b, r, xb = make_ln_inputs(shape, torch.float16, residual, x_bias)
+    nan = float("nan")
+    y = torch.full(shape, nan, dtype=x.dtype, device=DEVICE)
+    mean = torch.full(shape[:-1], nan, device=DEVICE)
+    rstd = torch.full(shape[:-1], nan, device=DEVICE)
+    out = ln_kernels.layer_norm_fwd(x, w, b, EPS, r, xb, p, 77, out=y, mean=mean, rstd=rstd)
+    assert out[0] is y
+    for t in (y, mean, rstd):
+        assert not t.isnan().any()
+    dy = torch.randn(shape, device=DEVICE).to(x.dtype)
+    dx = torch.full(shape, nan, dtype=x.dtype, device=DEVICE)
+    dres = torch.full(shape, nan, dtype=x.dtype, device=DEVICE) if residual else None
+    got = ln_kernels.layer_norm_bwd(dy, x, w, mean, rstd, r, xb, p, 77, dx=dx, dresidual=dres)
+    assert got[0] is dx and not dx.isnan().any()
+    if residual:
+        assert got[1] is dres and not dres.isnan().any()
+    for t in got[2:]:
+        assert t is None or not t.isnan().any()
+
+
+def test_layer_norm_noncontiguous_inputs():
+    """x, residual and dy with a non-unit row stride (a slice of a wider tensor) and a transposed leading dim."""
+    base = torch.randn(6, 40, 130, device=DEVICE)
+    x = base[:, :, 10:110]  # [6, 40, 100], row stride 130
+    r = torch.randn(40, 6, 100, device=DEVICE).transpose(0, 1)
+    w, b = torch.randn(100, device=DEVICE), torch.randn(100, device=DEVICE)
+    y = tn.layer_norm(x, w, b, EPS, r)
+    ref = F.layer_norm(x.double() + r.double(), (100,), w.double(), b.double(), EPS)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------------------------
+def test_dropout_same_seed_same_output_and_new_seed_new_output():
+    x, w, b, r, xb = make_ln_inputs((4, 300), torch.float32, True, True)
+    torch.manual_seed(5)
+    y1 = tn.layer_norm(x, w, b, EPS, r, x_bias=xb, dropout_p=0.3)
+    torch.manual_seed(5)
+    y2 = tn.layer_norm(x, w, b, EPS, r, x_bias=xb, dropout_p=0.3)
+    y3 = tn.layer_norm(x, w, b, EPS, r, x_bias=xb, dropout_p=0.3)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(p):
+    """The keep fraction of 96,000 draws is within 5 binomial standard deviations of 1 - p; masks of different
+    seeds differ; rows and columns are not copies of each other."""
+    shape = (96, 1000)
+    keep = tn.dropout_keep_mask(123, shape, p, DEVICE)
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * sigma, (rate, 1 - p, sigma)
+    other = tn.dropout_keep_mask(124, shape, p, DEVICE)
+    assert not torch.equal(keep, other)
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 4])
+    # consecutive columns (the four lanes of one Philox draw) are not correlated
+    a, c = keep[:, :-1].float(), keep[:, 1:].float()
+    both = (a * c).mean().item()
+    assert abs(both - (1 - p) ** 2) < 6 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5
+
+
+def test_dropout_p_one_drops_everything():
+    x, w, b, r, xb = make_ln_inputs((3, 50), torch.float32, True, True)
+    xl = x.clone().requires_grad_()
+    y = tn.layer_norm(xl, w, b, EPS, r, x_bias=xb, dropout_p=1.0)
+    torch.testing.assert_close(y, F.layer_norm(r, (50,), w, b, EPS), atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert torch.equal(xl.grad, torch.zeros_like(x))
+    assert not tn.dropout_keep_mask(1, (3, 50), 1.0, DEVICE).any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------------------------
+def test_layer_norm_rejects_rows_past_the_limit():
+    n = ln_kernels.MAX_WIDTH + 1
+    x = torch.randn(2, n, device=DEVICE)
+    with pytest.raises(ValueError, match=f"{ln_kernels.MAX_WIDTH}.*impl='torch'"):
+        tn.layer_norm(x, torch.ones(n, device=DEVICE), torch.zeros(n, device=DEVICE))
+
+
+def test_validation_messages():
+    x = torch.randn(4, 16, device=DEVICE)
+    w, b = torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        tn.layer_norm(x.double(), w, b)
+    with pytest.raises(ValueError, match="weight must be 1-D of size 16"):
+        tn.layer_norm(x, torch.ones(15, device=DEVICE), b)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        tn.layer_norm(x, w, b, residual=x.half())
+    with pytest.raises(ValueError, match="residual has shape"):
+        tn.layer_norm(x, w, b, residual=x[:2])
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        tn.layer_norm(x, w, b, dropout_p=1.5)
+    with pytest.raises(ValueError, match="bias must be 1-D of size 16"):
+        tn.bias_gelu(x, torch.zeros(4, 4, device=DEVICE))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        tn.bias_gelu(x.to(torch.int32), b)
+
+
+def test_configs_are_what_the_launchers_use():
+    """The launch-configuration functions cover widths 1..MAX_WIDTH and give whole-row blocks."""
+    for n in (1, 3, 100, 768, 1023, 1024, 4096, ln_kernels.MAX_WIDTH):
+        f = ln_kernels.fwd_config(16384, n, torch.bfloat16, 90)
+        bw = ln_kernels.bwd_config(16384, n, torch.bfloat16, 90)
+        assert f["BLOCK_N"] >= n and bw["BLOCK_N"] >= n and f["BLOCK_N"] == bw["BLOCK_N"]
+        assert f["grid"][0] * f["BLOCK_M"] >= 16384 and bw["grid"][0] >= 1
+    g = gelu_kernels.bwd_config(16384, 3072, torch.bfloat16, 90)
+    assert g["grid"][1] * g["BLOCK_N"] >= 3072
+    for mod in (ln_kernels, gelu_kernels):
+        for case in mod.gpu_compile_cases(90):
+            assert set(case) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "uses_mma",
+                                 "bytes", "flops"}
+            assert all(case["signature"][k] == "constexpr" for k in case["constexprs"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bias + GELU
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bias_gelu_matches_float64(shape, dtype, atol, rtol):
+    n = shape[-1]
+    x = (2 * torch.randn(shape, device=DEVICE)).to(dtype)
+    bias = torch.randn(n, device=DEVICE)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    ours, r64, same = leaves([x, bias]), leaves([x, bias], torch.float64), leaves([x, bias])
+    y = tn.bias_gelu(*ours)
+    y.backward(dy)
+    y64 = F.gelu(r64[0] + r64[1])
+    y64.backward(dy.double())
+    ys = reference.bias_gelu(*same)
+    ys.backward(dy)
+    assert_like_ref("y", y, y64, ys, atol, rtol)
+    for name, g, g64, gs in zip(["x", "bias"], grads(ours), grads(r64), grads(same)):
+        assert_like_ref(f"d{name}", g, g64, gs, atol, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("n", [3072, 4096, 1000])
+def test_bias_gelu_gpu_large(n, dtype, atol, rtol):
+    test_bias_gelu_matches_float64((8, 512, n), dtype, atol, rtol)
+
+
+def test_bias_gelu_launchers_write_every_element():
+    shape = (3, 37, 100)
+    x = torch.randn(shape, device=DEVICE).half()
+    bias = torch.randn(100, device=DEVICE)
+    y = torch.full(shape, float("nan"), dtype=x.dtype, device=DEVICE)
+    assert gelu_kernels.bias_gelu_fwd(x, bias, out=y) is y and not y.isnan().any()
+    dx = torch.full(shape, float("nan"), dtype=x.dtype, device=DEVICE)
+    got, dbias = gelu_kernels.bias_gelu_bwd(torch.randn_like(x), x, bias, dx=dx)
+    assert got is dx and not dx.isnan().any() and not dbias.isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library: opcheck, dispatch, torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+def test_opcheck_layer_norm():
+    x, w, b, r, xb = make_ln_inputs((3, 5, 40), torch.float32, True, True)
+    seed = torch.tensor([99], dtype=torch.int64)
+    args = [t.requires_grad_() for t in (x, w, b, r, xb)]
+    torch.library.opcheck(torch.ops.bertfast_triton.layer_norm_fwd.default,
+                          (*args[:3], args[3], args[4], seed, EPS, 0.1))
+    torch.library.opcheck(torch.ops.bertfast_triton.layer_norm_fwd.default,
+                          (*args[:3], None, None, None, EPS, 0.0))
+    y, mean, rstd = tn.layer_norm_fwd(x.detach(), w.detach(), b.detach(), r.detach(), xb.detach(), seed, EPS, 0.1)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.bertfast_triton.layer_norm_bwd.default,
+                          (dy, x.detach(), w.detach(), mean, rstd, r.detach(), xb.detach(), seed, 0.1, True))
+
+
+def test_opcheck_bias_gelu():
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    torch.library.opcheck(torch.ops.bertfast_triton.bias_gelu_fwd.default, (x, bias))
+    torch.library.opcheck(torch.ops.bertfast_triton.bias_gelu_bwd.default,
+                          (torch.randn(3, 5, 40), x.detach(), bias.detach()))
+
+
+def test_dispatch_through_bertfast_ops():
+    x, w, b, r, xb = make_ln_inputs((2, 7, 64), torch.float32, True, True)
+    y = ops.layer_norm(x, w, b, EPS, r, x_bias=xb, impl="triton")
+    torch.testing.assert_close(y, reference.layer_norm(x, w, b, EPS, r, x_bias=xb), atol=1e-5, rtol=1e-5)
+    g = ops.bias_gelu(x, xb, impl="triton")
+    torch.testing.assert_close(g, reference.bias_gelu(x, xb), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager runs the traced forward and backward graphs."""
+    x, w, b, r, xb = make_ln_inputs((2, 7, 64), torch.float32, True, True)
+    fc = torch.randn(64, device=DEVICE)
+
+    def block(x, r):
+        h = tn.layer_norm(x, w, b, EPS, r, x_bias=xb, dropout_p=0.1)
+        return tn.bias_gelu(h, fc)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    xs, rs = leaves([x, r])
+    torch.manual_seed(3)
+    out = compiled(xs, rs)
+    out.sum().backward()
+    xe, re_ = leaves([x, r])
+    torch.manual_seed(3)
+    ref = block(xe, re_)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(xs.grad, xe.grad)
+    torch.testing.assert_close(rs.grad, re_.grad)
