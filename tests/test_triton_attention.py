@@ -162,6 +162,12 @@ def test_no_mask_and_custom_scale():
 
 
 @needs_interpreter
+def test_head_dim_not_power_of_two():
+    """head_dim 48 runs in a 64-wide block with the extra lanes masked."""
+    _check_padded(2, 21, 2, 48, torch.float32, torch.tensor([13, 21]))
+
+
+@needs_interpreter
 def test_mask_with_holes():
     """A key padding mask that is not a prefix is applied exactly (keys and query rows)."""
     b, s, h, d = 2, 41, 2, 32
