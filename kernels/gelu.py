@@ -21,8 +21,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _DEFAULT_SMS = {70: 80, 75: 40, 80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2) (a constexpr: jit code reads no plain globals)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
