@@ -131,28 +131,42 @@ def _sce_setup(ctx, inputs, output):
     logits, target, ignore_index, label_smoothing, compute_grad = inputs
     ctx.compute_grad = compute_grad
     ctx.consumed = False
-    ctx.save_for_backward(output[1] if compute_grad else None)
     ctx.mark_non_differentiable(output[1])
+    if compute_grad:
+        ctx.save_for_backward(output[1])
+    else:
+        # Called directly with compute_grad=False on logits that need grad: recompute the gradient in backward.
+        ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+        ctx.save_for_backward(logits, target)
 
 
 def _sce_bwd(ctx, grad_loss, _grad_of_grad_buffer):
     if not ctx.compute_grad:
-        raise RuntimeError(
-            "bertfast softmax_cross_entropy: logits did not require grad (or grad mode was off) when the loss was "
-            "computed, so no gradient was saved; call it with grad enabled on logits that require grad.")
+        logits, target = ctx.saved_tensors
+        _, grad = _ops.softmax_cross_entropy(logits, target, ctx.ignore_index, ctx.label_smoothing, True)
+        return (grad.to(grad_loss.dtype) * grad_loss).to(grad.dtype), None, None, None, None
     if ctx.consumed:
         raise RuntimeError(
             "bertfast softmax_cross_entropy (impl='ext') can be back-propagated only once: its backward scales the "
             "gradient saved by the forward in place. Recompute the loss for a second backward (or use impl='torch' "
             "with retain_graph=True).")
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    (grad,) = ctx.saved_tensors
+    if not _eager(grad, grad_loss):
+        # Traced (torch.compile / AOTAutograd / make_fx): the same math out of place, which the compiler can fuse
+        # and plan memory for; mutating a forward output inside the traced backward is not allowed there.
+        return (grad.to(grad_loss.dtype) * grad_loss).to(grad.dtype), None, None, None, None
+    if torch.is_grad_enabled():
         raise RuntimeError(
             "bertfast softmax_cross_entropy (impl='ext') does not support double backward (create_graph=True); "
             "use impl='torch' for higher-order gradients.")
-    (grad,) = ctx.saved_tensors
     ctx.consumed = True
     _ops.softmax_cross_entropy_scale_grad_(grad, grad_loss)
     return grad, None, None, None, None
+
+
+def _eager(*tensors) -> bool:
+    """True for plain eager tensors; False under tracing, where tensors are fake / functional / proxy subclasses."""
+    return all(type(t) is torch.Tensor for t in tensors)
 
 
 torch.library.register_autograd("bertfast::softmax_cross_entropy", _sce_bwd, setup_context=_sce_setup)
