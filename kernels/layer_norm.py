@@ -169,12 +169,12 @@ def _layer_norm_bwd_kernel(
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         # w is re-read per tile (an L1/L2 hit) rather than held across the loop: fewer live registers
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        g = dy * w[None, :]
+        dw_acc += tl.sum(dy * xhat, axis=0)
+        db_acc += tl.sum(dy, axis=0)
+        g = dy * w[None, :]  # dy is dead from here: one row-sized value fewer in registers
         c_xhat = tl.sum(g * xhat, axis=1) / N
         c_g = tl.sum(g, axis=1) / N
         dh = tl.where(mask, (g - xhat * c_xhat[:, None] - c_g[:, None]) * rstd[:, None], 0.0)
-        dw_acc += tl.sum(dy * xhat, axis=0)
-        db_acc += tl.sum(dy, axis=0)
         if HAS_DROPOUT:
             if REDRAW_KEEP:
                 keep = _dropout_keep(seed, rows64, 0, N, drop_threshold, BLOCK_N, AGAIN=True)
@@ -236,20 +236,25 @@ def fwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 
 
 def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 90,
-               num_sms: int | None = None) -> dict:
+               num_sms: int | None = None, dropout: bool = False) -> dict:
     """Launch settings of `_layer_norm_bwd_kernel`: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "grid"}.
     The grid is persistent: at most a few programs per SM (`num_sms` defaults to the usual card of that
     capability), each looping over row tiles; the [grid, N] float32 partial sums are reduced afterwards."""
     block_n = _block_n(n_cols)
     block_m, num_warps = _tile(n_rows, block_n, 2048)
+    # At N = 8192 the three float32 column accumulators plus the row's working set sit at the 128-register
+    # ceiling of 16 warps. Without dropout, 32 warps (8 elements per thread, 64 registers) fit without spills;
+    # with dropout the Philox state does not fit in 64, so it stays at 16 warps and draws the keep-mask twice
+    # rather than holding it (ptxas -v with Triton's flags, sm_80 and sm_90, triton 3.8). Narrower rows hold the
+    # mask (Philox is not free).
+    redraw_keep = block_n >= 8192 and dropout
+    if block_n >= 8192 and not dropout:
+        num_warps = 32
     sms = num_sms or _DEFAULT_SMS.get(capability, 108)
     per_sm = max(1, 2048 // (32 * num_warps))  # resident programs per SM by threads (2048 threads / SM)
     programs = max(1, min(triton.cdiv(n_rows, block_m), sms * min(per_sm, 4)))
-    # At N = 8192 (16 warps, 16 elements per thread) the three float32 column accumulators plus the row's
-    # working set fill the 128 registers a thread may have; holding the dropout mask too spilled (ptxas -v,
-    # sm_80 / sm_90), drawing it twice does not. Narrower rows keep it (Philox is not free).
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
-            "grid": (programs,), "REDRAW_KEEP": block_n >= 8192}
+            "grid": (programs,), "REDRAW_KEEP": redraw_keep}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,7 +384,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     if store_dh:
         dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dresidual is None else dresidual
     cap, sms = _device_info(x)
-    cfg = bwd_config(m, n, x.dtype, cap, sms)
+    cfg = bwd_config(m, n, x.dtype, cap, sms, dropout=has_dropout)
     g = cfg["grid"][0] if m > 0 else 0
     dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
     db_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
@@ -457,7 +462,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
             for m in rows:
                 for vname, (xb, res, drop) in _VARIANTS.items():
                     f = fwd_config(m, n, dtype, capability)
-                    b = bwd_config(m, n, dtype, capability)
+                    b = bwd_config(m, n, dtype, capability, dropout=drop)
                     # bytes: fwd reads x (+ residual), writes y, in x's dtype, + 8 B/row of mean/rstd + params;
                     # bwd reads dy, x (+ residual), writes dx (+ dh), reads mean/rstd, writes the partials.
                     n_act = 1 + int(res)
