@@ -15,7 +15,7 @@ have something to learn within a few CPU minutes:
   (``3.50``) and quoted speech. :func:`generate_documents` returns the true sentence list of every document, which
   the tests compare with what :func:`bertfast.data.sentences.split_sentences` recovers from the joined text.
 
-Size: 1200 documents by default (about 14 sentences, 170 words each; ~200k words), generated in well under a
+Size: 1200 documents by default (about 21 sentences, 220 words each; ~260k words), generated in well under a
 second.
 """
 

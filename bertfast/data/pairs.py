@@ -54,8 +54,10 @@ def instances_from_document(doc_index: int, document: list[list[int]], random_do
 
     Segments are filled with whole sentences up to a target length (``max_len - 3``, or with probability
     ``short_seq_prob`` a random shorter one); A is a random number of the gathered sentences. With probability
-    1/2 (always, when only one sentence was gathered) B is a random span of another document and the unused
-    sentences are put back; otherwise B is the rest of the gathered sentences: the real continuation.
+    1/2 B is a random span of another document and the unused sentences are put back; otherwise B is the rest
+    of the gathered sentences: the real continuation. When a single sentence fills the target, the next one is
+    gathered too (the original would force a random B), and a document's lone last sentence gets a random B on
+    one half of the coin and is dropped on the other, so that NSP classes stay balanced.
     """
     max_num_tokens = max_len - 3
     target = max_num_tokens
@@ -69,10 +71,21 @@ def instances_from_document(doc_index: int, document: list[list[int]], random_do
         chunk.append(document[i])
         length += len(document[i])
         if i == len(document) - 1 or length >= target:
+            if len(chunk) == 1 and i + 1 < len(document):
+                # One sentence already reached the target: borrow the next one, so that B can be the real
+                # continuation half of the time (the original forces a random B here, which biases NSP towards
+                # "not next").
+                i += 1
+                chunk.append(document[i])
             a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
             tokens_a = [t for s in chunk[:a_end] for t in s]
             keep = True
-            if len(chunk) == 1 or rng.random() < 0.5:
+            random_next = rng.random() < 0.5
+            if len(chunk) == 1 and not random_next:
+                # A document's lone last sentence has no real continuation: drop it on the "real" half of the
+                # coin instead of forcing a random B, which would tilt NSP towards "not next".
+                break
+            if random_next:
                 is_next = 0
                 target_b = target - len(tokens_a)
                 j = doc_index

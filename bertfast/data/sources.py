@@ -21,7 +21,7 @@ from .sentences import split_sentences
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the documents built here change: it keys the on-disk caches
+VERSION = 3  # bump when the documents built here change: it keys the on-disk caches
 
 # name -> hub dataset. "rows": what one row is. bookcorpus is one sentence per row, books back to back, with no
 # book boundary marker: consecutive rows are grouped into documents of `sentences_per_doc` sentences.
