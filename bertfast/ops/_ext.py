@@ -132,6 +132,9 @@ def _sce_setup(ctx, inputs, output):
     ctx.compute_grad = compute_grad
     ctx.consumed = False
     ctx.mark_non_differentiable(output[1])
+    # The second output (the gradient buffer) gets no gradient; without this autograd would materialise a
+    # logits-sized zero tensor for it in the backward.
+    ctx.set_materialize_grads(False)
     if compute_grad:
         ctx.save_for_backward(output[1])
     else:
