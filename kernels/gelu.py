@@ -250,6 +250,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                     "bytes": 3 * m * n * esz + n * 4 + b["grid"][0] * n * 4, "flops": 14 * m * n,
                 }
                 for case in (fwd, bwd):
+                    case["dtype"] = ptr[1:]  # the activations' dtype (parameters are float32)
                     case["attrs"] = _divisibility_attrs(case["fn"], case["signature"], ints)
                     cases.append(case)
     return cases

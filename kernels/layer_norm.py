@@ -503,6 +503,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                         "bytes": bwd_bytes, "flops": 16 * m * n,
                     }
                     for case in (fwd, bwd):
+                        case["dtype"] = ptr[1:]  # the activations' dtype (parameters are float32)
                         case["attrs"] = _divisibility_attrs(case["fn"], case["signature"], {
                             "N": n, **{k: n for k in case["signature"] if k.startswith("stride_")}})
                         if case["name"] not in seen:
