@@ -97,31 +97,36 @@ at::Tensor mlm_gather_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   const at::Tensor positions = positions_in.contiguous();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   check_positions_cpu(pos, B, P, S);
-  at::Tensor out = at::zeros({B, S, H}, grad.options());
-  if (out.numel() == 0 || P == 0) return out;
+  // Every row of grad_hidden is written exactly once (zeros or a sum), so no separate zero-fill pass.
+  at::Tensor out = at::empty({B, S, H}, grad.options());
+  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mlm_gather_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    // One task per batch row: every write of batch b lands in out[b], so tasks never share a row. Within a batch,
-    // the first slot holding a position sums all slots holding it (in acc_t) and writes the row once.
+    // One task per batch row: every write of batch b lands in out[b], so tasks never share a row. first[s] is the
+    // first slot of batch b holding position s (-1: none); the row is the acc_t sum of all slots holding s.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(H);
+      std::vector<int64_t> first(S);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t* pb = pos + b * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t s = pb[p];
-          if (s < 0) continue;
-          bool seen = false;
-          for (int64_t q = 0; q < p && !seen; ++q) seen = pb[q] == s;
-          if (seen) continue;
+        std::fill(first.begin(), first.end(), int64_t(-1));
+        for (int64_t p = P - 1; p >= 0; --p) {
+          if (pb[p] >= 0) first[pb[p]] = p;
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          scalar_t* orow = o + (b * S + s) * H;
+          if (first[s] < 0) {
+            std::memset(orow, 0, H * sizeof(scalar_t));
+            continue;
+          }
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t q = p; q < P; ++q) {
+          for (int64_t q = first[s]; q < P; ++q) {
             if (pb[q] != s) continue;
             const scalar_t* gq = g + (b * P + q) * H;
             for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(gq[h]);
           }
-          scalar_t* orow = o + (b * S + s) * H;
           for (int64_t h = 0; h < H; ++h) orow[h] = static_cast<scalar_t>(acc[h]);
         }
       }
