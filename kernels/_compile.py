@@ -238,14 +238,15 @@ def validate_case(case: dict) -> None:
 
 
 def case_dtype(case: dict) -> str | None:
-    """The case's tensor dtype: its "dtype" key, else the most common floating pointer type of its signature."""
+    """The case's tensor dtype: its "dtype" key, else the type of its first fp16/bf16/fp32 pointer argument (the
+    input; parameters and statistics are often float32 whatever the input is)."""
     if case.get("dtype"):
-        return str(case["dtype"]).replace("torch.", "")
-    counts: dict[str, int] = {}
+        d = str(case["dtype"]).replace("torch.", "")
+        return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(d, d)
     for v in case["signature"].values():
         if isinstance(v, str) and v.startswith("*") and v[1:] in ("fp16", "bf16", "fp32"):
-            counts[v[1:]] = counts.get(v[1:], 0) + 1
-    return max(counts, key=counts.get) if counts else None
+            return v[1:]
+    return None
 
 
 def _raw_fn(fn):
@@ -511,20 +512,25 @@ def _compile_in_workers(jobs: list[tuple[dict, int]], workers: int) -> list[Comp
 
 
 def compile_cases(cases: list[dict], capabilities=(90,), workers: int | None = None) -> list[CompileResult]:
-    """Compiles every case for every capability and returns the results in order (case-major, then capability).
-
-    Identical configurations compile once. With the interpreter on (or workers > 1) the compiles run in worker
-    subprocesses with TRITON_INTERPRET=0; otherwise in this process."""
+    """Compiles every case for every capability; results in order (case-major, then capability)."""
     if isinstance(capabilities, int):
         capabilities = (capabilities,)
+    return compile_pairs([(case, cap) for case in cases for cap in capabilities], workers)
+
+
+def compile_pairs(pairs: list[tuple[dict, int]], workers: int | None = None) -> list[CompileResult]:
+    """Compiles each (case, capability) pair; results in the same order.
+
+    Identical configurations compile once (the copy names the original in `cached_as`). With the interpreter on,
+    or workers > 1, the compiles run in worker subprocesses with TRITON_INTERPRET=0; otherwise in this process.
+    Triton's cache (~/.triton/cache, TRITON_CACHE_DIR) makes a second run cheap; ptxas -v and cuobjdump rerun."""
     jobs: dict[tuple, tuple[dict, int]] = {}
     order: list[tuple[dict, int, tuple]] = []
-    for case in cases:
+    for case, cap in pairs:
         validate_case(case)
-        for cap in capabilities:
-            key = case_key(case, cap)
-            jobs.setdefault(key, (case, cap))
-            order.append((case, cap, key))
+        key = case_key(case, cap)
+        jobs.setdefault(key, (case, cap))
+        order.append((case, cap, key))
     # the heaviest (matmul) compiles first, so that the workers finish together
     keys = sorted(jobs, key=lambda k: not jobs[k][0].get("uses_mma"))
     if workers is None:

@@ -79,10 +79,8 @@ def main(argv=None) -> int:
               f"{', '.join(gc.KERNEL_MODULES)} in bertfast.kernels)")
         return 0
     # gpu_compile_cases may pick differently per capability: each capability compiles its own list
-    results = []
-    for cap in caps:
-        cases = [c for c in gc.all_cases(cap) if args.filter in c["name"]]
-        results.extend(gc.compile_cases(cases, cap, workers=args.workers))
+    pairs = [(c, cap) for cap in caps for c in gc.all_cases(cap) if args.filter in c["name"]]
+    results = gc.compile_pairs(pairs, workers=args.workers)
     print(f"Triton kernels at BERT shapes, modules: {', '.join(m.rsplit('.', 1)[1] for m in mods)}; roofline on an "
           f"H100 SXM: {gc.H100['bandwidth'] / 1e12:.2f} TB/s, {gc.H100['mma_fp16'] / 1e12:.0f} TFLOP/s fp16/bf16 "
           f"MMA, {gc.H100['mma_tf32'] / 1e12:.0f} tf32, {gc.H100['fp32'] / 1e12:.0f} fp32 FFMA")

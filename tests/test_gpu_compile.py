@@ -13,8 +13,8 @@ See docs/gpu_compile.md.
 """
 from __future__ import annotations
 
-import importlib
 import json
+import traceback
 
 import pytest
 import triton
@@ -105,11 +105,61 @@ def selftest_cases():
     ]
 
 
+# ------------------------------------------------------------------ the kernel modules' cases
+
+def _collect_kernel_cases():
+    """{module: cases per capability} and {module: import/enumeration error}, at collection time (an error becomes
+    a failing test below, never a skip)."""
+    cases, errors = {}, {}
+    for mod in gc.case_modules():
+        try:
+            cases[mod] = {cap: gc.module_cases(mod, cap) for cap in CAPABILITIES}
+        except Exception:  # noqa: BLE001 - reported by test_kernel_module_provides_cases
+            errors[mod] = traceback.format_exc()
+    return cases, errors
+
+
+KERNEL_CASES, KERNEL_ERRORS = _collect_kernel_cases()
+KERNEL_PARAMS = [pytest.param(cap, case["name"], id=f"sm{cap}-{case['name']}")
+                 for mod, by_cap in KERNEL_CASES.items() for cap in CAPABILITIES for case in by_cap[cap]]
+
+
 @pytest.fixture(scope="module")
-def selftest_results():
-    cases = selftest_cases()
-    results = gc.compile_cases([c for c, _ in cases], CAPABILITIES)
+def compiled():
+    """Every self-test and kernel case compiled for sm_80 and sm_90, in one pool of worker processes."""
+    pairs = [(c, cap) for c, _ in selftest_cases() for cap in CAPABILITIES]
+    pairs += [(c, cap) for by_cap in KERNEL_CASES.values() for cap in CAPABILITIES for c in by_cap[cap]]
+    results = gc.compile_pairs(pairs)
     return {(r.capability, r.name): r for r in results}
+
+
+@pytest.fixture(scope="module")
+def selftest_results(compiled):
+    return compiled
+
+
+@pytest.mark.parametrize("module", gc.case_modules())
+def test_kernel_module_provides_cases(module):
+    """The module imports and enumerates its launch configurations for both targets, fp16, bf16 and fp32."""
+    assert module not in KERNEL_ERRORS, f"{module}.gpu_compile_cases failed:\n{KERNEL_ERRORS.get(module)}"
+    for cap in CAPABILITIES:
+        cases = KERNEL_CASES[module][cap]
+        assert cases, f"{module}.gpu_compile_cases({cap}) is empty"
+        names = [c["name"] for c in cases]
+        assert len(names) == len(set(names)), f"duplicate case names in {module}"
+        dtypes = {gc.case_dtype(c) for c in cases}
+        assert {"fp16", "bf16", "fp32"} <= dtypes, f"{module} sm_{cap} cases cover only {sorted(map(str, dtypes))}"
+        for c in cases:
+            assert c["bytes"] > 0 and c["flops"] >= 0, (c["name"], c["bytes"], c["flops"])
+
+
+@pytest.mark.parametrize("capability, name", KERNEL_PARAMS)
+def test_kernel_config_compiles_and_fits(compiled, capability, name):
+    r = compiled[(capability, name)]
+    problems = r.problems()
+    assert not problems, (
+        f"{name} on sm_{capability} (num_warps={r.num_warps}, num_stages={r.num_stages}): "
+        + "; ".join(problems) + (f"\n{r.ptxas_report}" if r.ok else ""))
 
 
 def test_selftest_checks_pass_and_fail_as_they_should(selftest_results):
