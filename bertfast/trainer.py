@@ -394,8 +394,8 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
     """Pretrain as `cfg` says; returns a summary {"step", "loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc",
     "checkpoint", "output_dir", "epochs": [per-epoch summaries]}.
 
-    loss_hook(step, loss) -> loss: a test hook applied to each micro-batch's loss before backward (e.g. to
-    inject a non-finite value). Raises ConfigError for bad settings (before any work), TrainingError when the
+    loss_hook(step, mlm_loss) -> mlm_loss: a test hook applied to each micro-batch's MLM loss before it is
+    logged and back-propagated (e.g. to inject a non-finite value). Raises ConfigError for bad settings (before any work), TrainingError when the
     run must stop, checkpoint.CheckpointError for a checkpoint that does not fit."""
     validate_config(cfg)
     from bertfast import ops
@@ -404,9 +404,11 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
     dev_type = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
         else "cpu"
     dist_ = _setup_distributed(dev_type)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, dist_, log, loss_hook, ops, load_data)
     finally:
+        torch.set_num_threads(threads)  # the run's setting is not left behind for the caller
         if dist_.initialized_here:
             import torch.distributed as dist
 
@@ -575,11 +577,10 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
                 with sync:
                     with autocast():
                         o = ddp_model(**x.model_inputs(static_mlm=True))
-                    mlm_sum = o.mlm_loss.float() * n_mlm[i]
+                    mlm_loss = o.mlm_loss if loss_hook is None else loss_hook(step, o.mlm_loss)
+                    mlm_sum = mlm_loss.float() * n_mlm[i]
                     nsp_sum = o.nsp_loss.float() * n_seq[i]
                     loss = (mlm_sum / g_mlm + nsp_sum / g_seq) * d.world_size  # DDP averages over ranks
-                    if loss_hook is not None:
-                        loss = loss_hook(step, loss)
                     scaler.scale(loss).backward()
                 with torch.no_grad():
                     finite &= torch.isfinite(loss.detach())

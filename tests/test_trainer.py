@@ -1,0 +1,262 @@
+"""The training loop: loss falls, checkpoints resume exactly, corrupt checkpoints are skipped, non-finite losses
+skip their step, DDP on 2 CPU processes equals 1 process, gradient accumulation equals a bigger batch, the HF
+export loads in transformers with equal logits. All CPU, tiny model, a small built-in corpus, few steps."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+
+from bertfast import checkpoint as ckpt
+from bertfast.trainer import (ConfigError, LinearWarmupDecay, TrainConfig, TrainingError, param_groups, train,
+                              validate_config)
+
+DOCS = 120  # documents of the built-in corpus for these tests
+
+
+def tiny_cfg(out, **kw) -> TrainConfig:
+    base = dict(preset="tiny", max_len=64, builtin_docs=DOCS, batch_size=8, max_steps=12, lr=2e-3, warmup_steps=3,
+                log_every=2, checkpoint_every=4, keep_checkpoints=10, output_dir=str(out), progress=False,
+                threads=1, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def deterministic(recs: list[dict]) -> list[dict]:
+    """A record without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "tflops_per_s")} for r in recs]
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short run (24 steps) shared by several tests; its tokenizer is reused to skip retraining it."""
+    out = tmp_path_factory.mktemp("run")
+    export = tmp_path_factory.mktemp("hf")
+    cfg = tiny_cfg(out, max_steps=24, export_hf=str(export))
+    summary = train(cfg, log=lambda *_: None)
+    return cfg, summary, out, export
+
+
+def test_train_loss_falls_and_writes_everything(run):
+    cfg, summary, out, export = run
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == list(range(2, 25, 2))
+    for r in recs:
+        for k in ("step", "loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "lr", "tokens_per_s"):
+            assert k in r and math.isfinite(r[k]), (k, r)
+        assert abs(r["loss"] - (r["mlm_loss"] + r["nsp_loss"])) < 1e-9
+        assert 0 <= r["mlm_acc"] <= 1 and 0 <= r["nsp_acc"] <= 1
+    first, last = recs[0]["mlm_loss"], recs[-1]["mlm_loss"]
+    assert last < first - 0.5, (first, last)
+    assert recs[-1]["lr"] == 0.0  # linear decay to zero at the last step
+    assert summary["step"] == 24 and summary["loss"] == recs[-1]["loss"]
+    steps = [s for s, _ in ckpt.list_checkpoints(out)]
+    assert steps == [24, 20, 16, 12, 8, 4]
+    for _, path in ckpt.list_checkpoints(out):
+        ckpt.verify_checkpoint(path)
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_00000024"
+    with open(os.path.join(out, "model_config.json")) as f:
+        mc = json.load(f)
+    assert (mc["hidden_size"], mc["num_hidden_layers"], mc["max_len"]) == (128, 2, 64)
+    assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
+    state = torch.load(os.path.join(out, "checkpoints", "step_00000012", "state.pt"), weights_only=False)
+    assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
+    assert state["data"]["batches_consumed"] + state["data"]["epoch"] * state["data"]["batches_per_epoch"] == 12
+
+
+def test_train_keep_checkpoints(run, tmp_path):
+    cfg, _, out, _ = run
+    cfg2 = dataclasses.replace(cfg, output_dir=str(tmp_path), max_steps=6, checkpoint_every=2, keep_checkpoints=2,
+                               export_hf=None, tokenizer=os.path.join(out, "tokenizer"))
+    train(cfg2, log=lambda *_: None)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [6, 4]
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
+
+
+def test_train_corrupt_checkpoint_is_skipped_and_resume_is_exact(run, tmp_path, capsys):
+    """Truncate the newest checkpoint's weights and remove the later ones: resume reports it by name, uses the
+    previous one, and the logged losses from there on equal the uninterrupted run's, bit for bit."""
+    cfg, _, out, _ = run
+    work = tmp_path / "run"
+    shutil.copytree(out, work)
+    for step in (24, 20):
+        shutil.rmtree(work / "checkpoints" / ckpt.checkpoint_name(step))
+    bad = work / "checkpoints" / "step_00000016" / "model.safetensors"
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) // 2)
+    found = ckpt.find_latest_checkpoint(str(work))
+    assert found.step == 12
+    assert any("step_00000016" in m and "model.safetensors" in m for m in found.skipped), found.skipped
+    logs = []
+    cfg2 = dataclasses.replace(cfg, output_dir=str(work), resume=True, export_hf=None)
+    train(cfg2, log=logs.append)
+    assert any("step_00000016" in m and "corrupt" in m for m in logs), logs
+    assert any("resuming from" in m and "step_00000012" in m for m in logs), logs
+    assert deterministic(read_metrics(work)) == deterministic(read_metrics(out))
+    for k, v in load_weights(work / "checkpoints" / "step_00000024").items():
+        assert torch.equal(v, load_weights(out / "checkpoints" / "step_00000024")[k]), k
+
+
+def test_train_resume_refuses_another_model(run, tmp_path):
+    cfg, _, out, _ = run
+    work = tmp_path / "run"
+    shutil.copytree(out, work)
+    with pytest.raises(ConfigError, match="--resume.*another model configuration.*hidden_size"):
+        validate_config(dataclasses.replace(cfg, output_dir=str(work), resume=True, preset="mini", export_hf=None))
+    with open(work / "model_config.json") as f:
+        mc = json.load(f)
+    mc["vocab_size"] += 1
+    with pytest.raises(ckpt.CheckpointError, match="another model configuration.*vocab_size"):
+        ckpt.check_model_config(str(work / "checkpoints" / "step_00000024"), mc)
+
+
+def test_train_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--resume.*nothing to resume"):
+        validate_config(tiny_cfg(tmp_path, resume=True))
+
+
+def test_train_nonfinite_loss_skips_step_then_stops(run, tmp_path):
+    cfg, _, out, _ = run
+    tok = os.path.join(out, "tokenizer")
+    c = dataclasses.replace(cfg, output_dir=str(tmp_path / "a"), max_steps=4, checkpoint_every=1, log_every=1,
+                            export_hf=None, tokenizer=tok, max_bad_steps=3)
+    # a single bad step (the third, step index 2): skipped, counted, weights untouched, the run goes on
+    train(c, log=lambda *_: None, loss_hook=lambda step, loss: loss * math.inf if step == 2 else loss)
+    recs = read_metrics(tmp_path / "a")
+    assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 0]
+    assert not math.isfinite(recs[2]["loss"]) and math.isfinite(recs[3]["loss"])
+    w2, w3, w4 = (load_weights(tmp_path / "a" / "checkpoints" / ckpt.checkpoint_name(s)) for s in (2, 3, 4))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert not all(torch.equal(w3[k], w4[k]) for k in w3)
+    # bad from step index 2 on: stops after 3 in a row with a clear message; the last good checkpoint is intact
+    c2 = dataclasses.replace(c, output_dir=str(tmp_path / "b"), max_steps=10, checkpoint_every=2)
+    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row.*step_00000004.*intact"):
+        train(c2, log=lambda *_: None, loss_hook=lambda step, loss: loss * math.nan if step >= 2 else loss)
+    found = ckpt.find_latest_checkpoint(str(tmp_path / "b"))
+    assert found.step == 4 and not found.skipped  # step 4 (two skipped steps in) is the newest, and intact
+
+
+def test_train_fp16_overflow_skips_step_and_lowers_scale(run, tmp_path):
+    """fp16 with a GradScaler (CPU autocast): an injected inf loss skips the step and halves the loss scale."""
+    cfg, _, out, _ = run
+    c = dataclasses.replace(cfg, output_dir=str(tmp_path), max_steps=3, checkpoint_every=1, log_every=1,
+                            export_hf=None, tokenizer=os.path.join(out, "tokenizer"), precision="fp16")
+    train(c, log=lambda *_: None, loss_hook=lambda step, loss: loss * math.inf if step == 1 else loss)
+    recs = read_metrics(tmp_path)
+    assert [r["skipped_steps"] for r in recs] == [0, 1, 0]
+    assert recs[1]["loss_scale"] == recs[0]["loss_scale"] / 2
+    assert math.isfinite(recs[2]["loss"])
+    w1, w2 = (load_weights(tmp_path / "checkpoints" / ckpt.checkpoint_name(s)) for s in (1, 2))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_train_grad_accum_equals_bigger_batch(run, tmp_path):
+    cfg, _, out, _ = run
+    tok = os.path.join(out, "tokenizer")
+    common = dict(max_steps=3, log_every=1, checkpoint_every=0, export_hf=None, tokenizer=tok, dropout=0.0)
+    big = dataclasses.replace(cfg, output_dir=str(tmp_path / "big"), batch_size=8, **common)
+    acc = dataclasses.replace(cfg, output_dir=str(tmp_path / "acc"), batch_size=4, grad_accum=2, **common)
+    train(big, log=lambda *_: None)
+    train(acc, log=lambda *_: None)
+    _assert_same_run(tmp_path / "big", tmp_path / "acc")
+
+
+def _assert_same_run(a, b, tol=1e-6):
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for k in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "lr"):
+            assert abs(x[k] - y[k]) <= tol, (x["step"], k, x[k], y[k])
+    step = ra[-1]["step"]
+    wa = load_weights(os.path.join(a, "checkpoints", ckpt.checkpoint_name(step)))
+    wb = load_weights(os.path.join(b, "checkpoints", ckpt.checkpoint_name(step)))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=tol, msg=k)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    train(cfg, log=lambda *_: None)
+
+
+def test_train_ddp_two_processes_equal_one(run, tmp_path):
+    """2 gloo processes x 4 sequences == 1 process x 8 (same global batch): losses and weights within 1e-6."""
+    cfg, _, out, _ = run
+    tok = os.path.join(out, "tokenizer")
+    common = dict(max_steps=3, log_every=1, checkpoint_every=0, export_hf=None, tokenizer=tok, dropout=0.0)
+    one = dataclasses.replace(cfg, output_dir=str(tmp_path / "one"), batch_size=8, **common)
+    two = dataclasses.replace(cfg, output_dir=str(tmp_path / "two"), batch_size=4, **common)
+    train(one, log=lambda *_: None)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    recs = read_metrics(tmp_path / "two")
+    assert len(recs) == 3  # rank 0 alone wrote the log
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_train_export_hf_loads_in_transformers(run):
+    cfg, _, out, export = run
+    import transformers
+
+    from bertfast.model import BertConfig, BertForPreTraining
+
+    hf = transformers.BertForPreTraining.from_pretrained(str(export)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    with open(os.path.join(out, "model_config.json")) as f:
+        model = BertForPreTraining(BertConfig.from_dict(json.load(f)), impl="torch")
+    ckpt.load_checkpoint(os.path.join(out, "checkpoints", "step_00000024"), model)
+    model.eval()
+    enc = tok(["the baker sliced a loaf in the kitchen.", "on the third day"],
+              ["she sold it at the counter.", "the captain tied a rope"], padding=True, return_tensors="pt")
+    assert len(tok) == model.config.vocab_size
+    with torch.no_grad():
+        theirs = hf(**enc)
+        ours = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], unpad=False)
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(ours.prediction_scores[mask], theirs.prediction_logits[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.seq_relationship_score, theirs.seq_relationship_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_train_param_groups_and_schedule():
+    from bertfast.model import BertConfig, BertForPreTraining
+
+    model = BertForPreTraining(BertConfig.preset("tiny", vocab_size=50, max_len=16))
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "embed_norm.weight" in nd and "layers.0.attn_norm.weight" in nd and "mlm_bias" in nd
+    assert all(n.endswith("bias") or "norm" in n for n in nd)
+    d = {names[id(p)] for p in decay["params"]}
+    assert "word_embeddings.weight" in d and "layers.1.ffn_in.weight" in d
+    assert len(d) + len(nd) == len(names) and no_decay["weight_decay"] == 0.0
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LinearWarmupDecay(opt, warmup_steps=4, total_steps=10)
+    lrs = [sched.get_last_lr()[0]]
+    for _ in range(11):
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0, 0])
