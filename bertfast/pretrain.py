@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 
 from bertfast.model import PRESETS
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain BERT (masked LM + next sentence prediction) with bertfast's kernels. With no "
                     "arguments: a small model on the built-in corpus, offline, in a few minutes on a CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # read `--lr -1e-4` as a (bad) value, not as an unknown option, so the error names the real problem
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default=_D.preset, help=f"model size: {', '.join(PRESETS)}")
     m.add_argument("--max-len", type=int, default=_D.max_len, help="longest sequence (tokens; also the position "

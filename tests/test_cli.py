@@ -1,0 +1,134 @@
+"""`python -m bertfast.pretrain`: flags, bad input (exit 2 naming the flag, before any work), and a SIGKILL in
+the middle of a run followed by --resume, whose logged metrics equal an uninterrupted run's bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bertfast import checkpoint as ckpt
+from bertfast.pretrain import config_from_args, main
+from bertfast.trainer import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--preset", "tiny", "--max-len", "64", "--builtin-docs", "120", "--batch-size", "8", "--threads", "1",
+         "--no-progress", "--warmup-steps", "3", "--lr", "2e-3"]
+
+
+def test_cli_defaults_and_flags():
+    assert config_from_args([]) == TrainConfig()
+    cfg = config_from_args(["--preset", "tiny", "--data", "builtin", "corpus.txt:0.5", "--tokenizer", "tok",
+                            "--epochs", "3", "--max-steps", "7", "--batch-size", "4", "--grad-accum", "2",
+                            "--lr", "3e-4", "--weight-decay", "0.1", "--warmup-steps", "5", "--max-len", "96",
+                            "--precision", "bf16", "--impl", "torch", "--output-dir", "o", "--checkpoint-every", "9",
+                            "--resume", "--seed", "3", "--export-hf", "hf", "--log-every", "2",
+                            "--keep-checkpoints", "4", "--vocab-size", "999", "--num-workers", "1",
+                            "--clip-grad", "0.5", "--max-bad-steps", "2", "--device", "cpu", "--dropout", "0"])
+    assert cfg == TrainConfig(preset="tiny", data=["builtin", "corpus.txt:0.5"], tokenizer="tok", epochs=3,
+                              max_steps=7, batch_size=4, grad_accum=2, lr=3e-4, weight_decay=0.1, warmup_steps=5,
+                              max_len=96, precision="bf16", impl="torch", output_dir="o", checkpoint_every=9,
+                              resume=True, seed=3, export_hf="hf", log_every=2, keep_checkpoints=4, vocab_size=999,
+                              num_workers=1, clip_grad=0.5, max_bad_steps=2, device="cpu", dropout=0.0)
+
+
+def _bad(argv, capsys, tmp_path):
+    """Run main(argv); it must exit 2 before writing anything."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    return err
+
+
+@pytest.mark.parametrize("argv, flag, hint", [
+    (["--preset", "huge"], "--preset", "choose one of tiny"),
+    (["--batch-size", "0"], "--batch-size", "positive"),
+    (["--lr", "-1e-4"], "--lr", "positive learning rate"),
+    (["--lr", "-0.001"], "--lr", "positive learning rate"),
+    (["--grad-accum", "0"], "--grad-accum", ">= 1"),
+    (["--max-len", "4"], "--max-len", "[8, 8192]"),
+    (["--resume"], "--resume", "nothing to resume"),
+    (["--precision", "fp8"], "--precision", "invalid choice"),
+    (["--impl", "cuda"], "--impl", "choose one of"),
+    (["--device", "tpu"], "--device", "use auto, cpu, cuda"),
+])
+def test_cli_bad_input(argv, flag, hint, capsys, tmp_path):
+    err = _bad(argv + ["--output-dir", str(tmp_path / "out")], capsys, tmp_path)
+    assert f"argument {flag}" in err and hint in err, err
+
+
+def test_cli_unwritable_output_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    err = _bad(["--output-dir", str(blocker / "run")], capsys, tmp_path)
+    assert "argument --output-dir" in err and "not writable" in err, err
+    err = _bad(["--output-dir", str(blocker)], capsys, tmp_path)
+    assert "argument --output-dir" in err and "not a folder" in err, err
+
+
+def test_cli_bad_input_exit_code_in_a_subprocess(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bertfast.pretrain", "--batch-size", "0", "--output-dir",
+                        str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "argument --batch-size" in p.stderr and "usage:" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _cli(out, *extra):
+    return [sys.executable, "-m", "bertfast.pretrain", *SMALL, "--output-dir", str(out), *extra]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in recs]
+
+
+def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    """Start the CLI, wait until a checkpoint exists and later steps are logged, kill -9, --resume: metrics.jsonl
+    (losses, accuracies, lr, grad norm) equals an uninterrupted run's exactly, and so do the final weights."""
+    steps = ["--max-steps", "40", "--log-every", "2", "--checkpoint-every", "6"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    ref = subprocess.run(_cli(full, *steps), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    tok = ["--tokenizer", str(full / "tokenizer")]
+    ref2 = None
+    proc = subprocess.Popen(_cli(killed, *steps, *tok), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            found = ckpt.find_latest_checkpoint(str(killed))
+            if found is not None and found.step >= 6 and os.path.exists(killed / "metrics.jsonl"):
+                logged = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl") if line.strip()]
+                if logged and logged[-1] > found.step:
+                    break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed mid-way"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl") if line.strip()]
+    assert done_before[-1] < 40
+    ref2 = subprocess.run(_cli(killed, *steps, *tok, "--resume"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert ref2.returncode == 0, ref2.stderr[-3000:]
+    assert "resuming from" in ref2.stdout
+    assert _metrics(killed) == _metrics(full)
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "checkpoints" / "step_00000040" / "model.safetensors"))
+    b = load_file(str(killed / "checkpoints" / "step_00000040" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
