@@ -282,6 +282,46 @@ def specialise(case: dict) -> tuple[dict, dict, dict]:
     return sig, const, attrs
 
 
+_INSPECT_VERSION = 1
+
+
+def _inspect_dir() -> str:
+    """Where ptxas/cuobjdump findings are kept, beside Triton's own cache (so clearing one clears the other)."""
+    try:
+        from triton import knobs
+        base = knobs.cache.dir
+    except (ImportError, AttributeError):
+        base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(base, "bertfast_gpu_compile")
+
+
+def _inspect_cached(compiled, ptx: str, arch: str) -> tuple[str, dict]:
+    """(ptxas -v text, cubin_inspect()) for a compiled kernel, cached by the hash of its PTX and cubin: a rerun
+    with Triton's cache warm then runs neither ptxas nor cuobjdump."""
+    import hashlib
+    import json
+    h = hashlib.sha256(ptx.encode() + compiled.asm["cubin"] + f"{arch}:{_INSPECT_VERSION}".encode()).hexdigest()
+    path = os.path.join(_inspect_dir(), f"{h}.json")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return d["ptxas"], d["cubin"]
+    except (OSError, ValueError, KeyError):
+        pass
+    with tempfile.TemporaryDirectory(prefix="bertfast_gpu_compile_") as tmp:
+        report = ptxas_report(ptx, arch, tmp)
+        cub = cubin_inspect(compiled.asm["cubin"], tmp)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp_path = f"{path}.{os.getpid()}.tmp"
+        with open(tmp_path, "w") as f:
+            json.dump({"ptxas": report, "cubin": cub}, f)
+        os.replace(tmp_path, path)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return report, cub
+
+
 def compile_case(case: dict, capability: int) -> CompileResult:
     """Compiles one case for sm_<capability> in this process and inspects it (never raises for a kernel error:
     the result says ok=False and why). The case's fn must be a real JITFunction (interpreter off)."""
@@ -312,12 +352,10 @@ def compile_case(case: dict, capability: int) -> CompileResult:
         ptx = compiled.asm["ptx"]
         m = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
         res.arch = m.group(1) if m else res.arch
-        with tempfile.TemporaryDirectory(prefix="bertfast_gpu_compile_") as tmp:
-            res.ptxas_report = ptxas_report(ptx, res.arch, tmp)
-            info = parse_ptxas(res.ptxas_report)
-            res.registers, res.spill_stores, res.spill_loads = info["registers"], info["spill_stores"], info["spill_loads"]
-            res.stack_bytes = info["stack_bytes"]
-            cub = cubin_inspect(compiled.asm["cubin"], tmp)
+        res.ptxas_report, cub = _inspect_cached(compiled, ptx, res.arch)
+        info = parse_ptxas(res.ptxas_report)
+        res.registers, res.spill_stores, res.spill_loads = info["registers"], info["spill_stores"], info["spill_loads"]
+        res.stack_bytes = info["stack_bytes"]
         res.mma_instructions = cub["mma"]
         res.ffma_count = cub["ffma"]
         res.has_hgmma = any(k.startswith("HGMMA") for k in cub["mma"])

@@ -44,22 +44,24 @@ def _fmt_us(x: float) -> str:
 
 
 def format_table(results: Iterable[gc.CompileResult]) -> str:
-    """One line per kernel configuration (and per arch)."""
-    head = (f"{'kernel config':44} {'arch':7} {'w/s':5} {'regs':>4} {'smem KiB':>8} {'spill B':>7} {'blk/SM':>6} "
+    """One line per kernel configuration and arch."""
+    results = list(results)
+    w = max([len("kernel config")] + [len(r.name) for r in results])
+    head = (f"{'kernel config':{w}} {'arch':7} {'w/s':5} {'regs':>4} {'smem KiB':>8} {'spill B':>7} {'blk/SM':>6} "
             f"{'mma':22} {'MB':>8} {'GFLOP':>8} {'t_mem us':>8} {'t_math us':>9} {'bound':7} status")
     lines = [head, "-" * len(head)]
     for r in results:
-        rf = gc.roofline(r)
+        ws = f"{r.num_warps}/{r.num_stages}"
         if not r.ok:
-            lines.append(f"{r.name:44} {r.arch:7} {r.num_warps}/{r.num_stages:<3} FAILED: {r.error.splitlines()[0][:120]}")
+            lines.append(f"{r.name:{w}} {r.arch:7} {ws:5} FAILED: {(r.error or '').splitlines()[0][:160]}")
             continue
+        rf = gc.roofline(r)
         problems = r.problems()
         status = "ok" if not problems else "FAIL: " + "; ".join(p.split(":")[0] for p in problems)
         lines.append(
-            f"{r.name[:44]:44} {r.arch:7} {r.num_warps}/{r.num_stages:<3} {r.registers:4d} "
-            f"{r.total_shared_bytes / 1024:8.1f} {r.spills:7d} {r.blocks_per_sm:6d} {_mma(r)[:22]:22} "
-            f"{r.bytes / 1e6:8.2f} {r.flops / 1e9:8.2f} {_fmt_us(rf['t_mem_us'])} {_fmt_us(rf['t_math_us']):>9} "
-            f"{rf['bound']:7} {status}")
+            f"{r.name:{w}} {r.arch:7} {ws:5} {r.registers:4d} {r.total_shared_bytes / 1024:8.1f} {r.spills:7d} "
+            f"{r.blocks_per_sm:6d} {_mma(r)[:22]:22} {r.bytes / 1e6:8.2f} {r.flops / 1e9:8.2f} "
+            f"{_fmt_us(rf['t_mem_us'])} {_fmt_us(rf['t_math_us']):>9} {rf['bound']:7} {status}")
     return "\n".join(lines)
 
 
