@@ -67,14 +67,15 @@ def extensions():
                                "install a CUDA build of torch, or build with BERTFAST_CUDA=0.")
         cuda_home = None
 
+    std = cxx_standard(torch)
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     opt = ["-O3"]
-    cxx = opt + ["-std=c++17"]
+    cxx = opt + [std]
     with_cuda = cuda_home is not None
-    _write_build_info(torch, with_cuda, cuda_home)
+    _write_build_info(torch, with_cuda, cuda_home, std)
     if with_cuda:
-        nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "-DBERTFAST_WITH_CUDA"]
+        nvcc = opt + [std, "--use_fast_math", "-lineinfo", "-DBERTFAST_WITH_CUDA"]
         ext = CUDAExtension("bertfast._C", cpp + cu, define_macros=[("BERTFAST_WITH_CUDA", None)],
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     else:
@@ -85,13 +86,22 @@ def extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-def _write_build_info(torch, with_cuda, cuda_home):
+def cxx_standard(torch) -> str:
+    """torch >= 2.10's headers require C++20 (ATen.h refuses older standards); older ones build with C++17."""
+    from torch.utils.cpp_extension import include_paths
+
+    with open(os.path.join(include_paths()[0], "ATen", "ATen.h")) as f:
+        return "-std=c++20" if "C++20" in f.read() else "-std=c++17"
+
+
+def _write_build_info(torch, with_cuda, cuda_home, std):
     """Records what _C was built against, so that bertfast can say so when it is imported by another torch."""
     with open(os.path.join(ROOT, "bertfast", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"CUDA_HOME = {cuda_home!r}\n")
+        f.write(f"CXX_STD = {std!r}\n")
         f.write(f"CUDA_ARCHS = {os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else None!r}\n")
 
 

@@ -17,17 +17,17 @@ ARCHS = (80, 90)
 
 
 def _nvcc():
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
-                os.path.join(home, "include", "cuda_runtime.h")):
-            return os.path.join(home, "bin", "nvcc"), home
-    return None, None
+    """The toolkit setup.py built _C with (bertfast._build_info), or (None, None) for a CPU-only build."""
+    from bertfast import _build_info
+
+    home = _build_info.CUDA_HOME
+    return (os.path.join(home, "bin", "nvcc"), home) if home else (None, None)
 
 
-def _cxx_std(torch_include: str) -> str:
-    # torch >= 2.10's headers require C++20 (ATen.h says so); older ones build with C++17.
-    with open(os.path.join(torch_include, "ATen", "ATen.h")) as f:
-        return "-std=c++20" if "C++20" in f.read() else "-std=c++17"
+def _build_info_std() -> str:
+    from bertfast import _build_info
+
+    return _build_info.CXX_STD
 
 
 def _nvcc_command(nvcc, cuda_home, src, obj):
@@ -40,7 +40,7 @@ def _nvcc_command(nvcc, cuda_home, src, obj):
         includes = cpp_extension.include_paths(cuda=True)
     includes = [p for p in includes if os.path.isdir(p)] + [os.path.join(cuda_home, "include")]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [nvcc, "-c", src, "-o", obj, _cxx_std(includes[0]), "-O3", "--use_fast_math", "-lineinfo",
+    cmd = [nvcc, "-c", src, "-o", obj, _build_info_std(), "-O3", "--use_fast_math", "-lineinfo",
            "-DBERTFAST_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC", "-Xptxas", "-v"]
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS)
@@ -87,7 +87,7 @@ HOT = ("ce_forward_kernel", "scale_kernel", "mlm_gather_kernel", "mlm_gather_bac
 def ptxas_report(tmp_path_factory):
     nvcc, home = _nvcc()
     if nvcc is None:
-        pytest.skip("no CUDA toolkit (looked at CUDA_HOME, CUDA_PATH, /usr/local/cuda)")
+        pytest.skip("bertfast._C was built CPU-only (no CUDA toolkit found by setup.py)")
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
     if not sources:
         pytest.skip("no csrc/*.cu")
