@@ -33,13 +33,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TrainConfig:
     """Everything a run depends on; the CLI flags map 1:1 onto these fields (`--grad-accum` -> grad_accum)."""
 
-    preset: str = "mini"
+    preset: str = "tiny"
     data: list[str] = field(default_factory=lambda: ["builtin"])  # NAME[:RATIO] specs for bertfast.data.load_data
     tokenizer: str | None = None  # hub name / local folder; None trains a WordPiece vocabulary on the corpus
     vocab_size: int = 8192  # size of the trained vocabulary (ignored with --tokenizer)
     builtin_docs: int = 1200  # documents of the built-in corpus
     max_len: int = 128
-    epochs: int = 2
+    epochs: int = 3
     max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
     batch_size: int = 32  # sequences per rank per micro-batch
     grad_accum: int = 1

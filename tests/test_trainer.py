@@ -260,3 +260,14 @@ def test_train_param_groups_and_schedule():
         sched.step()
         lrs.append(sched.get_last_lr()[0])
     assert lrs == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0, 0])
+
+
+def test_train_bf16_autocast_runs(run, tmp_path):
+    cfg, _, out, _ = run
+    c = dataclasses.replace(cfg, output_dir=str(tmp_path), max_steps=3, log_every=1, checkpoint_every=0,
+                            export_hf=None, tokenizer=os.path.join(out, "tokenizer"), precision="bf16")
+    train(c, log=lambda *_: None)
+    recs = read_metrics(tmp_path)
+    assert all(math.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in recs)
+    w = load_weights(tmp_path / "checkpoints" / ckpt.checkpoint_name(3))
+    assert all(v.dtype == torch.float32 for v in w.values())  # autocast leaves the master weights in fp32
