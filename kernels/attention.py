@@ -412,9 +412,15 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, capability: i
         block_m, block_n, num_warps = 32, 128, 8
         if big_d or wide:
             block_m, block_n = 32, 64
-        if big_d and wide:
-            block_n = 32  # 32 x 64 spills (255 registers) on sm_90 with fp32 operands
         num_stages = 3 if capability >= 90 else 2
+        if big_d and wide:
+            if capability >= 90:
+                # fp32 d128: 32 x 64 over 8 warps spills, and 32 x 32 over 8 warps leaves each warpgroup too
+                # few key rows for wgmma (ptxas falls back to mma.sync); one warpgroup of 64 key rows with
+                # 16-row query blocks compiles to HGMMA without spills (246 registers, checked with ptxas)
+                block_m, block_n, num_warps, num_stages = 16, 64, 4, 2
+            else:
+                block_n = 32  # 32 x 64 spills (255 registers) with fp32 operands
     else:  # bwd_dq: the Q, dO block and the dQ accumulator stay in registers; K and V stream
         block_m, block_n, num_warps = 128, 32, 8
         if big_d or wide:
