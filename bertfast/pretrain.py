@@ -1,6 +1,6 @@
 """`python -m bertfast.pretrain`: pretrain BERT (MLM + NSP) from the command line.
 
-With no arguments: the `tiny` preset (2 layers x 128) for 3 epochs on the built-in corpus, offline, on the GPU
+With no arguments: the `tiny` preset (2 layers x 128) for 6 epochs on the built-in corpus, offline, on the GPU
 if there is one, a few minutes on a 2-core CPU. Under `torchrun --nproc_per_node=N -m bertfast.pretrain ...` it trains data-parallel. See
 docs/cli.md for every flag, the files a run writes, resume, and the MFU formula.
 """

@@ -39,7 +39,7 @@ class TrainConfig:
     vocab_size: int = 8192  # size of the trained vocabulary (ignored with --tokenizer)
     builtin_docs: int = 1200  # documents of the built-in corpus
     max_len: int = 128
-    epochs: int = 3
+    epochs: int = 6
     max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
     batch_size: int = 32  # sequences per rank per micro-batch
     grad_accum: int = 1
@@ -473,16 +473,20 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
             raise ConfigError("--resume", f"{e}. Resume with the same --batch-size, --seed, --data and number of "
                               "processes as the checkpointed run.") from None
         step = int(state["step"])
-        window.load(state["window"])
-        epoch_win.load(state["epoch_window"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != d.world_size:
+            raise ConfigError("--resume", f"checkpoint {os.path.basename(found.path)} was written by {saved_world} "
+                              f"process(es), this run has {d.world_size}: resume with the same number of processes")
+        mine = state["ranks"][d.rank]
+        window.load(mine["window"])
+        epoch_win.load(mine["epoch_window"])
         epoch_stats = list(state.get("epochs", []))
         bad_in_row = int(state.get("bad_in_row", 0))
         saved_total = state.get("total_steps")
         if saved_total is not None and saved_total != total_steps:
             _say(f"warning: the checkpoint's run had {saved_total} total steps, this one {total_steps}: the "
                  "learning-rate schedule changes from here", d, log)
-        rngs = state["rng"]
-        resume_rng = rngs[d.rank] if d.rank < len(rngs) else rngs[0]
+        resume_rng = mine["rng"]
         last_ckpt = found.path
         if d.is_main:
             _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
@@ -701,20 +705,20 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
 
 def _save(cfg, d, model, mcfg, optimizer, scheduler, scaler, loader, step, total_steps, window, epoch_win,
           epoch_stats, bad_in_row) -> str | None:
-    rng = ckpt.rng_state()
+    # per-rank parts: RNG states and the metric sums not yet reduced (each rank resumes with its own)
+    mine = {"rng": ckpt.rng_state(), "window": window.state(), "epoch_window": epoch_win.state()}
     if d.enabled:
         import torch.distributed as dist
 
-        rngs = [None] * d.world_size
-        dist.all_gather_object(rngs, rng)
+        ranks = [None] * d.world_size
+        dist.all_gather_object(ranks, mine)
     else:
-        rngs = [rng]
+        ranks = [mine]
     path = None
     if d.is_main:
         state = {"step": step, "total_steps": total_steps, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "data": loader.state_dict(), "rng": rngs, "window": window.state(),
-                 "epoch_window": epoch_win.state(), "epochs": epoch_stats, "bad_in_row": bad_in_row,
+                 "data": loader.state_dict(), "ranks": ranks, "epochs": epoch_stats, "bad_in_row": bad_in_row,
                  "train_config": dataclasses.asdict(cfg), "world_size": d.world_size}
         path = ckpt.save_checkpoint(cfg.output_dir, step, model, mcfg.to_dict(), state, keep=cfg.keep_checkpoints)
     else:
