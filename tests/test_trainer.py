@@ -105,9 +105,21 @@ def test_train_corrupt_checkpoint_is_skipped_and_resume_is_exact(run, tmp_path, 
     found = ckpt.find_latest_checkpoint(str(work))
     assert found.step == 12
     assert any("step_00000016" in m and "model.safetensors" in m for m in found.skipped), found.skipped
-    logs = []
+    logs, loaded = [], []
+    from bertfast.data.loader import _PairSamples
+
+    real = _PairSamples.__getitems__
     cfg2 = dataclasses.replace(cfg, output_dir=str(work), resume=True, export_hf=None)
-    train(cfg2, log=logs.append)
+    with pytest.MonkeyPatch.context() as mp:  # record every sample the resumed run reads
+        mp.setattr(_PairSamples, "__getitems__", lambda self, keys: loaded.append(list(keys)) or real(self, keys))
+        train(cfg2, log=logs.append)
+    # it read exactly the 12 batches after the checkpoint's 12: nothing consumed is read again, nothing skipped
+    from bertfast.data import load_data
+
+    _, loader = load_data(cfg.data, tokenizer=os.path.join(out, "tokenizer"), max_len=cfg.max_len,
+                          batch_size=cfg.batch_size, seed=cfg.seed, builtin_docs=cfg.builtin_docs, drop_last=True)
+    order = [[(e, i) for i in idx] for e in range(3) for idx in loader.batch_indices(e)]
+    assert loaded == order[12:24]
     assert any("step_00000016" in m and "corrupt" in m for m in logs), logs
     assert any("resuming from" in m and "step_00000012" in m for m in logs), logs
     assert deterministic(read_metrics(work)) == deterministic(read_metrics(out))
@@ -278,3 +290,26 @@ def test_train_bf16_autocast_runs(run, tmp_path):
     assert all(math.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in recs)
     w = load_weights(tmp_path / "checkpoints" / ckpt.checkpoint_name(3))
     assert all(v.dtype == torch.float32 for v in w.values())  # autocast leaves the master weights in fp32
+
+
+def test_train_step_flops_matches_a_flop_counter():
+    """step_flops (docs/cli.md) against torch's FlopCounterMode on one forward + backward without padding, every
+    prediction slot used (so every decoder row is a real prediction)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bertfast.model import BertConfig, BertForPreTraining
+    from bertfast.trainer import step_flops
+
+    cfg = BertConfig.preset("tiny", vocab_size=97, max_len=32)
+    model = BertForPreTraining(cfg, impl="torch", unpad=False)
+    b, s, p = 3, 24, 5
+    ids = torch.randint(5, 97, (b, s))
+    pos = torch.stack([torch.randperm(s)[:p] for _ in range(b)])
+    with FlopCounterMode(display=False) as fc:
+        out = model(ids, torch.ones(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long),
+                    next_sentence_label=torch.tensor([0, 1, 0]), mlm_positions=pos,
+                    mlm_labels=torch.randint(5, 97, (b, p)))
+        out.loss.backward()
+    counted = fc.get_total_flops()
+    assert counted > 0
+    assert abs(step_flops(cfg, b * s, b * s * s, b * p, b) - counted) / counted < 0.01, counted
