@@ -146,17 +146,37 @@ class BertLayer(nn.Module):
         self.ffn_norm = LayerNorm(h, config.layer_norm_eps)
 
     def forward(self, h, attend, dropout_p: float, impl):
-        """h [..., hidden] (padded [B, S, H] or unpadded [T, H]); attend(q, k, v) runs attention on that layout."""
+        """h [..., hidden] (padded [B, S, H] or unpadded [T, H]); attend(q, k, v) runs attention on that layout.
+
+        With fused kernels (Triton on GPU) the dense layers' biases are added inside the LayerNorm and GELU
+        kernels; with the torch reference they go into the matmul (addmm), which is cheaper there."""
         lead = h.shape[:-1]
         q, k, v = F.linear(h, self.qkv.weight, self.qkv.bias).view(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
         ctx = attend(q, k, v).reshape(*lead, -1)  # [..., hidden]
-        a = F.linear(ctx, self.attn_out.weight)  # its bias is added inside the fused LayerNorm
-        h = ops.layer_norm(a, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps, h.to(a.dtype),
-                           x_bias=self.attn_out.bias, dropout_p=dropout_p, impl=impl("layer_norm"))
-        f = ops.bias_gelu(F.linear(h, self.ffn_in.weight), self.ffn_in.bias, impl=impl("bias_gelu"))  # [..., inter]
-        o = F.linear(f, self.ffn_out.weight)  # [..., hidden]
-        return ops.layer_norm(o, self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_norm.eps, h.to(o.dtype),
-                              x_bias=self.ffn_out.bias, dropout_p=dropout_p, impl=impl("layer_norm"))
+        h = _dense_layer_norm(ctx, self.attn_out, self.attn_norm, h, dropout_p, impl("layer_norm"))
+        f = _dense_gelu(h, self.ffn_in, impl("bias_gelu"))  # [..., intermediate]
+        return _dense_layer_norm(f, self.ffn_out, self.ffn_norm, h, dropout_p, impl("layer_norm"))
+
+
+def _fused(op: str, impl: str, device) -> bool:
+    return ops.resolve_impl(op, impl, device) != "torch"
+
+
+def _dense_gelu(x, dense: nn.Linear, impl: str):
+    """GELU(dense(x)): the bias add fused into the GELU kernel when one runs."""
+    if _fused("bias_gelu", impl, x.device):
+        return ops.bias_gelu(F.linear(x, dense.weight), dense.bias, impl=impl)
+    return ops.bias_gelu(F.linear(x, dense.weight, dense.bias), None, impl=impl)
+
+
+def _dense_layer_norm(x, dense: nn.Linear, norm: LayerNorm, residual, dropout_p: float, impl: str):
+    """LayerNorm(dropout(dense(x)) + residual): bias, dropout and residual fused into the LayerNorm kernel."""
+    if _fused("layer_norm", impl, x.device):
+        a = F.linear(x, dense.weight)
+        return ops.layer_norm(a, norm.weight, norm.bias, norm.eps, residual.to(a.dtype), x_bias=dense.bias,
+                              dropout_p=dropout_p, impl=impl)
+    a = F.linear(x, dense.weight, dense.bias)
+    return ops.layer_norm(a, norm.weight, norm.bias, norm.eps, residual.to(a.dtype), dropout_p=dropout_p, impl=impl)
 
 
 class BertForPreTraining(nn.Module):

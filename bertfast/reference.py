@@ -27,8 +27,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, *, x_bias=Non
 
 
 def bias_gelu(x, bias):
-    """Exact (erf) GELU of x + bias."""
-    return F.gelu(_acc(x) + _acc(bias)).to(x.dtype)
+    """Exact (erf) GELU of x + bias (of x alone when bias is None)."""
+    return F.gelu(_acc(x) if bias is None else _acc(x) + _acc(bias)).to(x.dtype)
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None):

@@ -76,7 +76,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, *, x_bias=Non
 
 
 def bias_gelu(x, bias, *, impl: str = "auto"):
-    """Exact (erf) GELU of x + bias, bias broadcast over the last dim."""
+    """Exact (erf) GELU of x + bias, bias broadcast over the last dim (impl="torch" also takes bias=None)."""
     return _backend("bias_gelu", resolve_impl("bias_gelu", impl, x.device))(x, bias)
 
 
