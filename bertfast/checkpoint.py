@@ -186,13 +186,18 @@ def verify_checkpoint(path: str) -> None:
         want = files.get(fname)
         if want is None:
             raise CheckpointError(f"checkpoint {name} is corrupt: manifest.json does not list {fname}")
-        if not os.path.isfile(p):
-            raise CheckpointError(f"checkpoint {name} is partial: {fname} is missing")
-        size = os.path.getsize(p)
+        try:
+            size = os.path.getsize(p)
+        except OSError:
+            raise CheckpointError(f"checkpoint {name} is partial: {fname} is missing") from None
         if size != want["size"]:
             raise CheckpointError(f"checkpoint {name} is corrupt: {fname} has {size} bytes, expected "
                                   f"{want['size']} (truncated?)")
-        if _sha256(p) != want["sha256"]:
+        try:
+            digest = _sha256(p)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {name} is unreadable: {fname} ({e})") from None
+        if digest != want["sha256"]:
             raise CheckpointError(f"checkpoint {name} is corrupt: {fname} does not match its sha256")
 
 
