@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bertfast import checkpoint as ckpt
+from bertfast.flops import peak_flops, training_flops
 from bertfast.model import PRESETS, BertConfig, BertForPreTraining
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -230,34 +231,6 @@ class LinearWarmupDecay:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])  # warmup / total / lr: the current run's settings
         self._apply()
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs / MFU
-def step_flops(cfg: BertConfig, tokens: float, sum_len_sq: float, mlm_rows: float, sequences: float) -> float:
-    """Training FLOPs (forward + backward = 3 x forward, 2 FLOPs per multiply-add) of one step, see docs/cli.md:
-    6 * tokens * L * (4H^2 + 2HI)          encoder matmuls (QKV, output, FFN in/out) on the real tokens
-    + 12 * L * H * sum(len_i^2)             attention scores and values, per sequence (unpadded)
-    + 6 * mlm_rows * (H^2 + H*V)            MLM head transform + tied decoder, only on the predicted rows
-    + 6 * sequences * (H^2 + 2H)            pooler + NSP head."""
-    L, H, I, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    return (6.0 * tokens * L * (4 * H * H + 2 * H * I) + 12.0 * L * H * sum_len_sq
-            + 6.0 * mlm_rows * (H * H + H * V) + 6.0 * sequences * (H * H + 2 * H))
-
-
-_PEAK = {  # dense peak FLOP/s per GPU: (16-bit tensor core, fp32 without TF32)
-    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12),
-    "A10": (125e12, 31.2e12), "L4": (121e12, 30.3e12), "V100": (125e12, 15.7e12), "4090": (165e12, 82.6e12),
-}
-
-
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, fp32) in _PEAK.items():
-        if key in name:
-            return fp32 if precision == "fp32" else half
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -530,7 +503,7 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
         _seed_everything(cfg.seed + 1000003 * d.rank + 1)  # dropout: different per rank, fixed per seed
     else:
         ckpt.set_rng_state(resume_rng)
-    peak = peak_flops(device, cfg.precision)
+    peak = peak_flops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     metrics_path = os.path.join(out, "metrics.jsonl")
     metrics_f = open(metrics_path, "a") if d.is_main else None
     bar = None
@@ -575,7 +548,7 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
             for i, (b, epoch, last_of_epoch) in enumerate(micro):
                 lens = b.attention_mask.sum(1, dtype=torch.float64)
                 tokens, len2 = float(lens.sum()), float((lens * lens).sum())
-                flops_window += step_flops(mcfg, tokens, len2, n_mlm[i], n_seq[i])
+                flops_window += training_flops(mcfg, tokens, len2, n_mlm[i], n_seq[i])
                 x = b.to(device, non_blocking=True)
                 sync = contextlib.nullcontext() if (not d.enabled or i == len(micro) - 1) else ddp_model.no_sync()
                 with sync:
@@ -740,4 +713,4 @@ def export_hf(model, output_dir: str, tokenizer=None) -> str:
 
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingError", "train", "validate_config", "param_groups",
-           "LinearWarmupDecay", "step_flops", "peak_flops", "export_hf", "build_model_config"]
+           "LinearWarmupDecay", "export_hf", "build_model_config"]

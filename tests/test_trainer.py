@@ -293,13 +293,13 @@ def test_train_bf16_autocast_runs(run, tmp_path):
     assert all(v.dtype == torch.float32 for v in w.values())  # autocast leaves the master weights in fp32
 
 
-def test_train_step_flops_matches_a_flop_counter():
-    """step_flops (docs/cli.md) against torch's FlopCounterMode on one forward + backward without padding, every
+def test_training_flops_matches_a_flop_counter():
+    """bertfast.flops.training_flops against torch's FlopCounterMode on one forward + backward without padding, every
     prediction slot used (so every decoder row is a real prediction)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from bertfast.model import BertConfig, BertForPreTraining
-    from bertfast.trainer import step_flops
+    from bertfast.flops import training_flops
 
     cfg = BertConfig.preset("tiny", vocab_size=97, max_len=32)
     model = BertForPreTraining(cfg, impl="torch", unpad=False)
@@ -313,4 +313,4 @@ def test_train_step_flops_matches_a_flop_counter():
         out.loss.backward()
     counted = fc.get_total_flops()
     assert counted > 0
-    assert abs(step_flops(cfg, b * s, b * s * s, b * p, b) - counted) / counted < 0.01, counted
+    assert abs(training_flops(cfg, b * s, b * s * s, b * p, b) - counted) / counted < 0.01, counted

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from .batch import Batch, PretrainingCollator, sample_seed
+from .batch import PretrainingCollator, sample_seed
 from .errors import DataError
 from .masking import default_max_predictions
 
@@ -194,7 +194,7 @@ def load_data(
     builtin_docs: documents in the built-in corpus.
     """
     from .pairs import build_pairs, tokenize_documents
-    from .sources import _hash, load_documents, parse_sources
+    from .sources import load_documents, parse_sources
 
     if max_len < 8:
         raise ValueError(f"max_len={max_len} is too short for [CLS] A [SEP] B [SEP]")
@@ -225,7 +225,6 @@ def load_data(
     log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
     loader.tokenizer = tok
     loader.documents = tokens
-    _ = _hash  # keep the import local
     return tok, loader
 
 
