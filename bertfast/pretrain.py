@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default=_D.preset, help=f"model size: {', '.join(PRESETS)}")
     m.add_argument("--max-len", type=int, default=_D.max_len, help="longest sequence (tokens; also the position "
                    "embeddings)")
-    m.add_argument("--dropout", type=float, default=_D.dropout, help="hidden and attention dropout (default: "
-                   "the preset's 0.1)")
+    m.add_argument("--dropout", type=float, default=_D.dropout, help="hidden and attention dropout (None: BERT's "
+                   "0.1)")
     m.add_argument("--impl", default=_D.impl, help="op implementations: auto, triton, ext or torch")
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", default=_D.data, metavar="NAME[:RATIO]",
