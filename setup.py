@@ -14,6 +14,7 @@ A failed compile fails the install: there is no silent fallback to a package wit
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -72,14 +73,20 @@ def extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     opt = ["-O3"]
     cxx = opt + [std]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for's OpenMP backend is inline in torch's headers: without -fopenmp the CPU kernels'
+        # loops silently run on one thread. Links libgomp.so.1, the runtime torch itself loads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     with_cuda = cuda_home is not None
     _write_build_info(torch, with_cuda, cuda_home, std)
     if with_cuda:
         nvcc = opt + [std, "--use_fast_math", "-lineinfo", "-DBERTFAST_WITH_CUDA"]
         ext = CUDAExtension("bertfast._C", cpp + cu, define_macros=[("BERTFAST_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:
-        ext = CppExtension("bertfast._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("bertfast._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     print(f"bertfast: building _C {'with CUDA from ' + cuda_home if with_cuda else 'CPU-only'}"
           f" against torch {torch.__version__}"
           + (f", archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else ""))

@@ -188,6 +188,7 @@ void softmax_cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tens
   TORCH_CHECK(grad.is_contiguous(), "softmax_cross_entropy_scale_grad_: grad_logits must be contiguous");
   if (grad.numel() == 0) return;
   const double s = grad_output.item<double>();
+  if (s == 1.0) return;  // the usual case (loss.backward() in fp32): the forward already wrote d loss / d logits
   if (cpu_has_avx2()) {
     cpu_avx2::scale_(grad, s);
   } else {
