@@ -1,6 +1,8 @@
 """Timing helpers shared by the benchmarks (pytest-benchmark does the timing and statistics)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -18,8 +20,6 @@ def measure(benchmark, fn, *, device, rounds: int | None = None, warmup: int | N
     dev = torch.device(device)
     if inner is None:
         inner = 10 if dev.type == "cuda" else 1
-    if rounds is None:
-        rounds = 20 if dev.type == "cuda" else 5
     if warmup is None:
         warmup = 3 if dev.type == "cuda" else 1
 
@@ -28,6 +28,15 @@ def measure(benchmark, fn, *, device, rounds: int | None = None, warmup: int | N
             out = fn()
         sync(dev)
         return out
+
+    if rounds is None:
+        if dev.type == "cuda":
+            rounds = 20
+        else:  # enough rounds for ~0.3 s of timing (sub-millisecond CPU ops are noisy over 5 rounds)
+            start = time.perf_counter()
+            call()
+            once = time.perf_counter() - start
+            rounds = int(min(200, max(5, 0.3 / max(once, 1e-6))))
 
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
     stats = getattr(benchmark, "stats", None)

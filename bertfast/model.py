@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bertfast import ops
+from bertfast import ops, reference
 
 PRESETS = {  # name: (num_hidden_layers, hidden_size); heads = hidden / 64, intermediate = 4 * hidden
     "tiny": (2, 128),
@@ -285,7 +285,7 @@ class BertForPreTraining(nn.Module):
         r = self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
         h = ops.layer_norm(e, self.embed_norm.weight, self.embed_norm.bias, self.embed_norm.eps, r,
                            impl=self._impl("layer_norm"))
-        return F.dropout(h, self.config.dropout, self.training)
+        return reference.dropout(h, self.config.dropout) if self.training and self.config.dropout > 0 else h
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
                 mlm_positions=None, mlm_labels=None, unpad: bool | None = None) -> PreTrainingOutput:

@@ -34,8 +34,20 @@ def test_layer_norm_dropout_scales_kept_values():
     torch.manual_seed(3)
     out = reference.layer_norm(x, w, b, 1e-5, None, dropout_p=0.5)
     torch.manual_seed(3)
-    kept = torch.nn.functional.dropout(x, 0.5, training=True)
-    torch.testing.assert_close(out, torch.nn.functional.layer_norm(kept, (32,), w, b, 1e-5))
+    keep = torch.rand_like(x) >= 0.5
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x * keep / 0.5, (32,), w, b, 1e-5))
+
+
+def test_dropout_keep_rate_and_scale():
+    x = torch.ones(400, 500, requires_grad=True)
+    y = reference.dropout(x, 0.1)
+    kept = y != 0
+    rate = kept.float().mean().item()
+    n = x.numel()
+    assert abs(rate - 0.9) < 5 * (0.9 * 0.1 / n) ** 0.5
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.9)
 
 
 @pytest.mark.parametrize("dtype, tol", DT)
