@@ -82,8 +82,8 @@ def test_attention(benchmark, record, provider, mode, fill):
     if provider == "sdpa-flash" and fill != "equal":
         pytest.skip("SDPA's flash backend takes no padding mask: only equal-length batches")
     if provider.startswith("triton") and DEV.type == "cpu":
-        from bertfast.ops import triton_interpreter_on
-        if not triton_interpreter_on():
+        from bertfast.kernels._launch import interpreter_on
+        if not interpreter_on():
             pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
     lens = _lengths(fill)
     fn, leaf, grad, tokens = _make(provider, lens)

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels._launch import as_rows, check_runnable, device_info
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _DEFAULT_SMS = {70: 80, 75: 40, 80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
@@ -116,31 +118,6 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _device_info(t: torch.Tensor) -> tuple[int, int]:
-    """(capability as major*10+minor, SM count); CPU (the interpreter) gets (90, 4) to keep its grid small."""
-    if t.device.type == "cuda":
-        props = torch.cuda.get_device_properties(t.device)
-        return props.major * 10 + props.minor, props.multi_processor_count
-    return 90, 4
-
-
-def _check_runnable(t: torch.Tensor, what: str) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu":
-        import os
-        if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
-            raise RuntimeError(f"{what}: Triton on CPU tensors needs its interpreter: set TRITON_INTERPRET=1 "
-                               "before triton is imported, or move the tensors to a CUDA device")
-        return
-    raise RuntimeError(f"{what}: tensors on {t.device} are not supported; use CUDA (or CPU with TRITON_INTERPRET=1)")
-
-
-def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    return t.reshape(-1, n)
-
-
 def check_inputs(x, bias) -> None:
     """Validates the arguments of bias_gelu; the messages say what to change."""
     if x.dtype not in _DTYPES:
@@ -154,7 +131,7 @@ def check_inputs(x, bias) -> None:
         raise TypeError(f"bias_gelu: bias has dtype {bias.dtype}; use float32, float16 or bfloat16")
     if bias.device != x.device:
         raise ValueError(f"bias_gelu: bias is on {bias.device} but x is on {x.device}; move it to {x.device}")
-    _check_runnable(x, "bias_gelu")
+    check_runnable(x, "bias_gelu")
 
 
 def bias_gelu_fwd(x, bias, out=None):
@@ -162,7 +139,7 @@ def bias_gelu_fwd(x, bias, out=None):
     x's shape and dtype) may be given to write into."""
     check_inputs(x, bias)
     n = x.shape[-1]
-    x2 = _as_rows(x, n)
+    x2 = as_rows(x, n)
     m = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous():
@@ -170,7 +147,7 @@ def bias_gelu_fwd(x, bias, out=None):
     if x.numel() == 0:
         return y
     y2 = y.view(m, n)
-    cap, _ = _device_info(x)
+    cap, _ = device_info(x)
     cfg = fwd_config(m, n, x.dtype, cap)
     _bias_gelu_fwd_kernel[cfg["grid"]](x2, bias, y2, x2.stride(0), y2.stride(0), m, n,
                                        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -182,16 +159,16 @@ def bias_gelu_bwd(dy, x, bias, dx=None):
     """Gradients of `bias_gelu_fwd`: returns (dx, dbias); dx in x's dtype, dbias in bias's dtype."""
     if dy.shape != x.shape:
         raise ValueError(f"bias_gelu backward: dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
-    _check_runnable(x, "bias_gelu backward")
+    check_runnable(x, "bias_gelu backward")
     n = x.shape[-1]
-    x2 = _as_rows(x, n)
-    dy2 = _as_rows(dy, n)
+    x2 = as_rows(x, n)
+    dy2 = as_rows(dy, n)
     m = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
     if x.numel() == 0:
         return dx, torch.zeros(n, dtype=bias.dtype, device=x.device)
     dx2 = dx.view(m, n)
-    cap, sms = _device_info(x)
+    cap, sms = device_info(x)
     cfg = bwd_config(m, n, x.dtype, cap, sms)
     db_part = torch.empty((cfg["grid"][0], n), dtype=torch.float32, device=x.device)
     _bias_gelu_bwd_kernel[cfg["grid"]](dy2, x2, bias, dx2, db_part, dy2.stride(0), x2.stride(0), dx2.stride(0),

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels._launch import as_rows, check_runnable, device_info
+
 # Widest row the kernels take: the whole row lives in registers (one block). 8192 was checked to compile without
 # spills for sm_80 and sm_90 with the warps `_num_warps` picks (ptxas -v, triton 3.8).
 MAX_WIDTH = 8192
@@ -260,33 +262,6 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _device_info(t: torch.Tensor) -> tuple[int, int | None]:
-    """(capability as major*10+minor, SM count) of t's device; CPU (the interpreter) gets (90, 4): a small grid
-    keeps the interpreter's per-program overhead down."""
-    if t.device.type == "cuda":
-        props = torch.cuda.get_device_properties(t.device)
-        return props.major * 10 + props.minor, props.multi_processor_count
-    return 90, 4
-
-
-def _check_runnable(t: torch.Tensor, what: str) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu":
-        import os
-        if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
-            raise RuntimeError(f"{what}: Triton on CPU tensors needs its interpreter: set TRITON_INTERPRET=1 "
-                               "before triton is imported, or move the tensors to a CUDA device")
-        return
-    raise RuntimeError(f"{what}: tensors on {t.device} are not supported; use CUDA (or CPU with TRITON_INTERPRET=1)")
-
-
-def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """[..., N] -> [M, N] with a contiguous last dim (copies only if it has to)."""
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    return t.reshape(-1, n)
-
-
 def _check_vector(name: str, t: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
     if t is None:
         return
@@ -319,7 +294,7 @@ def check_inputs(x, weight, bias, residual=None, x_bias=None, dropout_p: float =
             raise ValueError(f"layer_norm: residual is on {residual.device} but x is on {x.device}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"layer_norm: dropout_p must be in [0, 1], got {dropout_p}")
-    _check_runnable(x, "layer_norm")
+    check_runnable(x, "layer_norm")
 
 
 def _dropout_scale(p: float) -> float:
@@ -339,9 +314,9 @@ def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=No
     (contiguous, right shape and dtype) to write into. The dropout mask is `dropout_keep_mask(seed, ...)`."""
     check_inputs(x, weight, bias, residual, x_bias, dropout_p)
     n = x.shape[-1]
-    x2 = _as_rows(x, n)
+    x2 = as_rows(x, n)
     m = x2.shape[0]
-    r2 = _as_rows(residual, n) if residual is not None else x2
+    r2 = as_rows(residual, n) if residual is not None else x2
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if mean is None else mean
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if rstd is None else rstd
@@ -350,7 +325,7 @@ def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=No
     if m == 0:
         return y, mean, rstd
     y2 = y.view(m, n)
-    cap, _ = _device_info(x)
+    cap, _ = device_info(x)
     cfg = fwd_config(m, n, x.dtype, cap)
     has_dropout = dropout_p > 0.0
     _layer_norm_fwd_kernel[cfg["grid"]](
@@ -372,18 +347,18 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     n = x.shape[-1]
     if dy.shape != x.shape:
         raise ValueError(f"layer_norm backward: dy has shape {tuple(dy.shape)} but x has {tuple(x.shape)}")
-    _check_runnable(x, "layer_norm backward")
-    x2 = _as_rows(x, n)
-    dy2 = _as_rows(dy, n)
+    check_runnable(x, "layer_norm backward")
+    x2 = as_rows(x, n)
+    dy2 = as_rows(dy, n)
     m = x2.shape[0]
-    r2 = _as_rows(residual, n) if residual is not None else x2
+    r2 = as_rows(residual, n) if residual is not None else x2
     has_dropout = dropout_p > 0.0
     store_dh = has_dropout and need_dresidual and residual is not None
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
     dh = None
     if store_dh:
         dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dresidual is None else dresidual
-    cap, sms = _device_info(x)
+    cap, sms = device_info(x)
     cfg = bwd_config(m, n, x.dtype, cap, sms, dropout=has_dropout)
     g = cfg["grid"][0] if m > 0 else 0
     dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
@@ -420,7 +395,7 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch
     m = math.prod(shape[:-1])
     keep = torch.empty((m, n), dtype=torch.int8, device=device)
     if keep.numel():
-        _check_runnable(keep, "dropout_keep_mask")
+        check_runnable(keep, "dropout_keep_mask")
         bm, bn = 16, max(4, min(triton.next_power_of_2(n), 1024))
         _dropout_mask_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             keep, m, n, int(seed), _drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn)

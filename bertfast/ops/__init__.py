@@ -12,11 +12,11 @@ impl:
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
 from bertfast import reference
+from bertfast.kernels._launch import interpreter_on
 
 IMPLS = ("auto", "triton", "ext", "torch")
 
@@ -35,10 +35,6 @@ _MODULES = {"triton": {"layer_norm": "bertfast.ops._triton_norm", "bias_gelu": "
             "ext": {"mlm_gather": "bertfast.ops._ext", "softmax_cross_entropy": "bertfast.ops._ext"}}
 
 
-def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
 def resolve_impl(op: str, impl: str, device: torch.device | str) -> str:
     """The concrete impl ("triton", "ext" or "torch") that `op` runs with for tensors on `device`."""
     if impl not in IMPLS:
@@ -49,7 +45,7 @@ def resolve_impl(op: str, impl: str, device: torch.device | str) -> str:
     if impl != "torch" and op not in _MODULES[impl]:
         have = ["auto", "torch"] + [i for i in ("triton", "ext") if op in _MODULES[i]]
         raise ValueError(f"impl={impl!r} has no {op}; {op} runs with impl in {have}")
-    if impl == "triton" and device.type == "cpu" and not triton_interpreter_on():
+    if impl == "triton" and device.type == "cpu" and not interpreter_on():
         raise RuntimeError(
             f"impl='triton' on CPU tensors ({op}) runs Triton's interpreter, which is off: set TRITON_INTERPRET=1 "
             "in the environment before triton is imported (before `import torch` is safest), or use impl='torch' "

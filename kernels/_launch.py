@@ -1,0 +1,38 @@
+"""Launcher helpers shared by the Triton ops (layer_norm, gelu, attention)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreter_on() -> bool:
+    """Whether Triton's CPU interpreter is switched on (TRITON_INTERPRET, read before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def device_info(t: torch.Tensor) -> tuple[int, int]:
+    """(capability as major*10+minor, SM count) of t's device; CPU (the interpreter) gets (90, 4): a small grid
+    keeps the interpreter's per-program overhead down."""
+    if t.device.type == "cuda":
+        props = torch.cuda.get_device_properties(t.device)
+        return props.major * 10 + props.minor, props.multi_processor_count
+    return 90, 4
+
+
+def check_runnable(t: torch.Tensor, what: str) -> None:
+    """A clear error unless a Triton kernel can run on t's device (CUDA, or CPU under the interpreter)."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu":
+        if not interpreter_on():
+            raise RuntimeError(f"{what}: Triton on CPU tensors needs its interpreter: set TRITON_INTERPRET=1 "
+                               "before triton is imported, or move the tensors to a CUDA device")
+        return
+    raise RuntimeError(f"{what}: tensors on {t.device} are not supported; use CUDA (or CPU with TRITON_INTERPRET=1)")
+
+
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., N] -> [M, N] with a contiguous last dim (copies only if it has to)."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.reshape(-1, n)
