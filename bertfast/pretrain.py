@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--builtin-docs", type=int, default=_D.builtin_docs, help="documents of the built-in corpus")
     d.add_argument("--num-workers", type=int, default=_D.num_workers, help="data loader worker processes")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=_D.epochs)
+    o.add_argument("--epochs", type=int, default=_D.epochs, help="passes over the data (when --max-steps is 0)")
     o.add_argument("--max-steps", type=int, default=_D.max_steps, help="stop after this many optimizer steps "
                    "(0: run --epochs)")
     o.add_argument("--batch-size", type=int, default=_D.batch_size, help="sequences per device per micro-batch "
