@@ -32,6 +32,19 @@ def check_runnable(t: torch.Tensor, what: str) -> None:
     raise RuntimeError(f"{what}: tensors on {t.device} are not supported; use CUDA (or CPU with TRITON_INTERPRET=1)")
 
 
+def check_vector(op: str, name: str, t: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
+    """A per-feature vector argument of `op` (a bias, a LayerNorm weight) must be 1-D of size n (x's last dim), of
+    a supported dtype and on x's device; None passes (the argument was not given)."""
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{op}: {name} must be 1-D of size {n} (x's last dim), got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move it to {x.device}")
+
+
 def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """[..., N] -> [M, N] with a contiguous last dim (copies only if it has to)."""
     t = t if t.stride(-1) == 1 else t.contiguous()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bertfast.kernels._launch import as_rows, check_runnable, device_info
+from bertfast.kernels._launch import as_rows, check_runnable, check_vector, device_info
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -124,13 +124,7 @@ def check_inputs(x, bias) -> None:
         raise TypeError(f"bias_gelu: x has dtype {x.dtype}; use float32, float16 or bfloat16")
     if x.dim() < 1:
         raise ValueError("bias_gelu: x must have at least one dim (the bias is added along the last one)")
-    n = x.shape[-1]
-    if bias.dim() != 1 or bias.shape[0] != n:
-        raise ValueError(f"bias_gelu: bias must be 1-D of size {n} (x's last dim), got shape {tuple(bias.shape)}")
-    if bias.dtype not in _DTYPES:
-        raise TypeError(f"bias_gelu: bias has dtype {bias.dtype}; use float32, float16 or bfloat16")
-    if bias.device != x.device:
-        raise ValueError(f"bias_gelu: bias is on {bias.device} but x is on {x.device}; move it to {x.device}")
+    check_vector("bias_gelu", "bias", bias, x.shape[-1], x)
     check_runnable(x, "bias_gelu")
 
 

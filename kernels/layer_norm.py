@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bertfast.kernels._launch import as_rows, check_runnable, device_info
+from bertfast.kernels._launch import as_rows, check_runnable, check_vector, device_info
 
 # Widest row the kernels take: the whole row lives in registers (one block). 8192 was checked to compile without
 # spills for sm_80 and sm_90 with the warps `_num_warps` picks (ptxas -v, triton 3.8).
@@ -262,17 +262,6 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _check_vector(name: str, t: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
-    if t is None:
-        return
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"layer_norm: {name} must be 1-D of size {n} (x's last dim), got shape {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"layer_norm: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
-    if t.device != x.device:
-        raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}; move it to {x.device}")
-
-
 def check_inputs(x, weight, bias, residual=None, x_bias=None, dropout_p: float = 0.0) -> None:
     """Validates the arguments of the fused LayerNorm; the messages say what to change."""
     if x.dtype not in _DTYPES:
@@ -281,9 +270,9 @@ def check_inputs(x, weight, bias, residual=None, x_bias=None, dropout_p: float =
         raise ValueError("layer_norm: x must have at least one dim (the normalised last dim)")
     n = x.shape[-1]
     _block_n(n)
-    _check_vector("weight", weight, n, x)
-    _check_vector("bias", bias, n, x)
-    _check_vector("x_bias", x_bias, n, x)
+    check_vector("layer_norm", "weight", weight, n, x)
+    check_vector("layer_norm", "bias", bias, n, x)
+    check_vector("layer_norm", "x_bias", x_bias, n, x)
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}; "
