@@ -252,19 +252,24 @@ class _Dist:
 
 
 def _setup_distributed(device_type: str) -> _Dist:
+    """The ranks of this run: an already initialized default process group (a caller's own launcher) is used
+    as it is and left for its owner to destroy; otherwise torchrun's environment (WORLD_SIZE > 1) starts one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        return _Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    import torch.distributed as dist
 
     d = _Dist(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
               local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(d.local_rank)
-        dist.init_process_group(backend=backend)
-        d.initialized_here = True
+    if device_type == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    d.initialized_here = True
     return d
 
 

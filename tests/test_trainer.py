@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import socket
 
@@ -206,27 +207,77 @@ def _assert_same_run(a, b, tol=1e-6):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port from bind(0) lies inside that range, and a client
+    retrying to connect to it before the store listens can be handed that very port as its own source port: TCP
+    then connects the socket to itself (simultaneous open), and the rendezvous breaks."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1025, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found below {low}")
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    train(cfg, log=lambda *_: None)
+def _ddp_worker(rank: int, world: int, rendezvous: str, cfg: TrainConfig, logdir: str):
+    """One rank; its stderr (and a fault handler's traceback on a crash) go to logdir/rank{rank}.log.
+    rendezvous "env:PORT": torchrun's variables, and train() starts the process group itself;
+    "file:PATH": the process group is started here on a FileStore, and train() runs inside it."""
+    import faulthandler
+
+    import torch.distributed as dist
+
+    log = open(os.path.join(logdir, f"rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(log)
+    kind, where = rendezvous.split(":", 1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    if kind == "env":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=where)
+        train(cfg, log=lambda *_: None)
+        assert not dist.is_initialized()  # train() destroyed the group it made
+        return
+    dist.init_process_group("gloo", init_method=f"file://{where}", rank=rank, world_size=world)
+    try:
+        train(cfg, log=lambda *_: None)
+        assert dist.is_initialized()  # a caller's group is the caller's to destroy
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(cfg: TrainConfig, rendezvous: str, logdir) -> None:
+    os.makedirs(logdir, exist_ok=True)
+    try:
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, rendezvous, cfg, str(logdir)), nprocs=2, join=True)
+    except Exception as e:  # the ranks' own stderr says why, which the exception alone does not
+        logs = []
+        for r in range(2):
+            path = os.path.join(logdir, f"rank{r}.log")
+            if os.path.exists(path):
+                with open(path) as f:
+                    logs.append(f"--- rank {r} stderr (tail) ---\n" + f.read()[-4000:])
+        raise AssertionError(f"{e}\n" + "\n".join(logs)) from e
 
 
 def test_train_ddp_two_processes_equal_one(run, tmp_path):
     """2 gloo processes x 4 sequences == 1 process x 8 (same global batch): losses and weights within 1e-6; then a
-    2-process resume from a checkpoint inside a log window gives the 2-process run's metrics exactly."""
+    2-process resume from a checkpoint inside a log window gives the 2-process run's metrics exactly. The first
+    run starts its process group from torchrun's variables, the resume runs inside a group the caller made."""
     cfg, _, out, _ = run
     tok = os.path.join(out, "tokenizer")
     common = dict(max_steps=4, log_every=2, checkpoint_every=1, export_hf=None, tokenizer=tok, dropout=0.0)
     one = dataclasses.replace(cfg, output_dir=str(tmp_path / "one"), batch_size=8, **common)
     two = dataclasses.replace(cfg, output_dir=str(tmp_path / "two"), batch_size=4, **common)
     train(one, log=lambda *_: None)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    _spawn(two, f"env:{_free_port()}", tmp_path / "logs_two")
     recs = read_metrics(tmp_path / "two")
     assert len(recs) == 2  # rank 0 alone wrote the log
     _assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -234,7 +285,7 @@ def test_train_ddp_two_processes_equal_one(run, tmp_path):
     for step in (2, 3, 4):
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / ckpt.checkpoint_name(step))
     resumed = dataclasses.replace(two, output_dir=str(tmp_path / "resumed"), resume=True)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), resumed), nprocs=2, join=True)
+    _spawn(resumed, f"file:{tmp_path / 'rendezvous'}", tmp_path / "logs_resumed")
     assert deterministic(read_metrics(tmp_path / "resumed")) == deterministic(recs)
 
 
