@@ -372,9 +372,13 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
     """Pretrain as `cfg` says; returns a summary {"step", "loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc",
     "checkpoint", "output_dir", "epochs": [per-epoch summaries]}.
 
+    Data-parallel under torchrun's variables (WORLD_SIZE > 1), or inside a default process group the caller
+    already started (then left for the caller to destroy).
+
     loss_hook(step, mlm_loss) -> mlm_loss: a test hook applied to each micro-batch's MLM loss before it is
-    logged and back-propagated (e.g. to inject a non-finite value). Raises ConfigError for bad settings (before any work), TrainingError when the
-    run must stop, checkpoint.CheckpointError for a checkpoint that does not fit."""
+    logged and back-propagated (e.g. to inject a non-finite value). Raises ConfigError for bad settings (before
+    any work), TrainingError when the run must stop, checkpoint.CheckpointError for a checkpoint that does not
+    fit."""
     validate_config(cfg)
     from bertfast import ops
     from bertfast.data import load_data
