@@ -3,16 +3,32 @@
 # no package registry):  bash scripts/gpu_run.sh LOGDIR
 # It installs bertfast against the torch already there, runs the tests marked gpu, the whole suite, the
 # benchmarks with timing, and the kernel resource report; every log and the benchmark JSON/PNG land in LOGDIR.
+# The image has no `datasets`: run scripts/gpu_wheels.sh here first and carry .whl, or the data and trainer tests
+# skip.
 set -uo pipefail
 LOG=${1:?usage: bash scripts/gpu_run.sh LOGDIR}
 mkdir -p "$LOG"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 status=0
 step() { echo "== $*" | tee -a "$LOG/summary.txt"; }
 
 step "versions"
 { nvidia-smi; $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; nvcc --version; } > "$LOG/versions.txt" 2>&1
 tail -3 "$LOG/versions.txt" | tee -a "$LOG/summary.txt"
+
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (scripts/gpu_wheels.sh): datasets and its helpers
+    step "carried wheels: $(ls .whl | tr '\n' ' ')"
+    SITE=${TMPDIR:-/tmp}/bertfast-site
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+            > "$LOG/wheels.log" 2>&1; then
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        tail -20 "$LOG/wheels.log" | tee -a "$LOG/summary.txt"; echo "carried wheels did not install" | tee -a "$LOG/summary.txt"
+        status=1
+    fi
+else
+    step "no .whl/: tests that need \`datasets\` will skip (scripts/gpu_wheels.sh fetches it)"
+fi
 
 step "install: pip install --no-build-isolation --no-deps -e ."
 if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG/install.log" 2>&1; then

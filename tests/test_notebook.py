@@ -4,6 +4,7 @@ and unpacking total_loss, prediction_scores, seq_relationship_score. The hub cor
 built-in one (no network here); the hub code path is tested in test_data.py on local parquet files."""
 import itertools
 
+import pytest
 import torch
 
 from bertfast import BertForPreTraining
@@ -11,6 +12,7 @@ from bertfast.data import load_data
 
 
 def test_notebook_flow(tmp_path):
+    pytest.importorskip("datasets", reason="the data pipeline needs `datasets` (see scripts/gpu_wheels.sh)")
     tokenizer, book_dl = load_data("builtin", loading_ratio=0.1, batch_size=8, max_len=64, builtin_docs=120,
                                    vocab_size=600, output_dir=str(tmp_path))
     _, wiki_dl = load_data("builtin", loading_ratio=1 / 41 * 4, batch_size=8, max_len=64, builtin_docs=120,

@@ -48,6 +48,8 @@ def load_weights(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One short run (24 steps) shared by several tests; its tokenizer is reused to skip retraining it."""
+    pytest.importorskip("datasets", reason="the data pipeline needs `datasets` (the GPU image lacks it: see "
+                        "scripts/gpu_wheels.sh)")
     out = tmp_path_factory.mktemp("run")
     export = tmp_path_factory.mktemp("hf")
     cfg = tiny_cfg(out, max_steps=24, export_hf=str(export))
