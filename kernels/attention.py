@@ -421,6 +421,11 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, capability: i
                 block_m, block_n, num_warps, num_stages = 16, 64, 4, 2
             else:
                 block_n = 32  # 32 x 64 spills (255 registers) with fp32 operands
+        elif wide and capability < 90:
+            # fp32 d<=64 on sm_80: 32 x 64 over 8 warps sits at 255 registers and spills 120 B with varlen +
+            # dropout under triton 3.6; 16-row query blocks over 4 warps keep the 64-key tile at 202-230
+            # registers without spills under triton 3.6 and 3.8 (ptxas -v)
+            block_m, num_warps = 16, 4
     else:  # bwd_dq: the Q, dO block and the dQ accumulator stay in registers; K and V stream
         block_m, block_n, num_warps = 128, 32, 8
         if big_d or wide:
