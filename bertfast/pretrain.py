@@ -12,7 +12,7 @@ import re
 import sys
 
 from bertfast.model import PRESETS
-from bertfast.trainer import PRECISIONS, ConfigError, TrainConfig, TrainingError, train
+from bertfast.trainer import PRECISIONS, ConfigError, Interrupted, TrainConfig, TrainingError, train
 
 _D = TrainConfig()
 
@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; continue with --resume (the latest checkpoint is intact)",
               file=sys.stderr)

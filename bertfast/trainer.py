@@ -16,7 +16,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -75,6 +77,46 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) stopped the run after a whole step, and a checkpoint
+    of that step was written: `--resume` continues exactly where it stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}; "
+                         "continue with --resume")
+
+
+class _StopRequest:
+    """While the loop runs, the first SIGINT / SIGTERM only asks it to finish the current step, write a
+    checkpoint and stop; a second one interrupts at once (KeyboardInterrupt). Handlers can only be set from the
+    main thread: elsewhere the signals keep their own behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say):
+        self.signum: int | None = None
+        self._say = say
+        self._previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self._say(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint and stopping "
+                  "(send it again to stop at once, without a checkpoint)")
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -375,6 +417,9 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
     Data-parallel under torchrun's variables (WORLD_SIZE > 1), or inside a default process group the caller
     already started (then left for the caller to destroy).
 
+    A first SIGINT / SIGTERM during the loop (when train() runs in the main thread) finishes the current step,
+    writes its checkpoint and raises Interrupted; a second one raises KeyboardInterrupt at once.
+
     loss_hook(step, mlm_loss) -> mlm_loss: a test hook applied to each micro-batch's MLM loss before it is
     logged and back-propagated (e.g. to inject a non-finite value). Raises ConfigError for bad settings (before
     any work), TrainingError when the run must stop, checkpoint.CheckpointError for a checkpoint that does not
@@ -548,6 +593,8 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
     t_window = time.perf_counter()
     flops_window = 0.0
     result = {}
+    stop = _StopRequest(lambda m: print(m, file=sys.stderr, flush=True) if d.is_main else None)
+    stop.install()
     try:
         while step < total_steps:
             micro = [next_batch() for _ in range(cfg.grad_accum)]
@@ -593,12 +640,16 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
                 scaler.unscale_(optimizer)
             max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            flags = torch.stack([(~finite).double(), (~torch.isfinite(grad_norm)).double()])
+            # one host sync per step for three flags; under DDP the MAX over ranks makes every rank skip the same
+            # steps and stop at the same step when any of them got a signal
+            flags = torch.stack([(~finite).double(), (~torch.isfinite(grad_norm)).double(),
+                                 torch.full((), float(stop.signum or 0), dtype=torch.float64, device=device)])
             if d.enabled:
                 import torch.distributed as dist
 
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            loss_bad, grad_bad = (v > 0 for v in flags.tolist())
+            loss_bad, grad_bad, stop_signum = flags.tolist()
+            loss_bad, grad_bad, stop_signum = loss_bad > 0, grad_bad > 0, int(stop_signum)
             bad = loss_bad or (grad_bad and not scaler.is_enabled())
             if bad:
                 bad_in_row += 1
@@ -666,10 +717,14 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
                     _say(msg, d, log)
 
             # ---- checkpoints
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
+            due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps
+            if due or stop_signum:  # a stop writes the checkpoint of the step it stops at
                 last_ckpt = _save(cfg, d, model, mcfg, optimizer, scheduler, scaler, loader, step, total_steps,
                                   window, epoch_win, epoch_stats, bad_in_row)
+            if stop_signum and step < total_steps:
+                raise Interrupted(stop_signum, step, last_ckpt)
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         if metrics_f is not None:
@@ -724,5 +779,5 @@ def export_hf(model, output_dir: str, tokenizer=None) -> str:
         model.train(was_training)
 
 
-__all__ = ["TrainConfig", "ConfigError", "TrainingError", "train", "validate_config", "param_groups",
-           "LinearWarmupDecay", "export_hf", "build_model_config"]
+__all__ = ["TrainConfig", "ConfigError", "TrainingError", "Interrupted", "train", "validate_config",
+           "param_groups", "LinearWarmupDecay", "export_hf", "build_model_config"]

@@ -1,5 +1,6 @@
-"""`python -m bertfast.pretrain`: flags, bad input (exit 2 naming the flag, before any work), and a SIGKILL in
-the middle of a run followed by --resume, whose logged metrics equal an uninterrupted run's bit for bit."""
+"""`python -m bertfast.pretrain`: flags, bad input (exit 2 naming the flag, before any work), a SIGKILL in the
+middle of a run followed by --resume, whose logged metrics equal an uninterrupted run's bit for bit, and a
+SIGINT / SIGTERM that checkpoints the step in flight before the run stops."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from bertfast import checkpoint as ckpt
 from bertfast.pretrain import config_from_args, main
 from bertfast.trainer import TrainConfig
 
@@ -89,48 +91,100 @@ def _metrics(out):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "tflops_per_s")} for r in recs]
 
 
-def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    """Start the CLI, wait until a checkpoint exists and later steps are logged, kill -9, --resume: metrics.jsonl
-    (losses, accuracies, lr, grad norm) equals an uninterrupted run's exactly, and so do the final weights."""
+STEPS = ["--max-steps", "40", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted reference run (40 steps, checkpoints every 4) the interrupted runs are compared with."""
     pytest.importorskip("datasets", reason="the data pipeline needs `datasets` (see scripts/gpu_wheels.sh)")
-    steps = ["--max-steps", "40", "--log-every", "2", "--checkpoint-every", "4"]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    ref = subprocess.run(_cli(full, *steps), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    full = tmp_path_factory.mktemp("full")
+    ref = subprocess.run(_cli(full, *STEPS, "--checkpoint-every", "4"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    tok = ["--tokenizer", str(full / "tokenizer")]
-    ref2 = None
-    proc = subprocess.Popen(_cli(killed, *steps, *tok), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    return full
+
+
+def _start_and_wait(args, out, ready, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+    """Start the CLI and poll its output folder until ready(checkpoint steps, logged steps) holds; returns the
+    running process (the test fails if it ended first)."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=stdout, stderr=stderr, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    saved, logged = [], []
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            names = os.listdir(killed / "checkpoints") if (killed / "checkpoints").is_dir() else []
-            steps_saved = [int(n[5:]) for n in names if n.startswith("step_")]
+            names = os.listdir(out / "checkpoints") if (out / "checkpoints").is_dir() else []
+            saved = [int(n[5:]) for n in names if n.startswith("step_")]
             try:
-                with open(killed / "metrics.jsonl") as f:
+                with open(out / "metrics.jsonl") as f:
                     logged = [json.loads(line)["step"] for line in f if line.endswith("\n")]
             except (OSError, ValueError):
                 logged = []
-            if steps_saved and logged and logged[-1] > max(steps_saved):
+            if ready(saved, logged):
                 break
             time.sleep(0.01)
-        assert proc.poll() is None, f"the run ended before it could be killed mid-way ({steps_saved}, {logged})"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    done_before = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl") if line.strip()]
-    assert done_before[-1] < 40
-    ref2 = subprocess.run(_cli(killed, *steps, *tok, "--resume"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert ref2.returncode == 0, ref2.stderr[-3000:]
-    assert "resuming from" in ref2.stdout
-    assert _metrics(killed) == _metrics(full)
+        assert proc.poll() is None, f"the run ended before it could be stopped mid-way ({saved}, {logged})"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def _assert_same_as_full(out, full):
+    assert _metrics(out) == _metrics(full)
     from safetensors.torch import load_file
 
     a = load_file(str(full / "checkpoints" / "step_00000040" / "model.safetensors"))
-    b = load_file(str(killed / "checkpoints" / "step_00000040" / "model.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step_00000040" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def _resume(out, full, *extra):
+    p = subprocess.run(_cli(out, *STEPS, "--tokenizer", str(full / "tokenizer"), *extra, "--resume"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout
+    return p
+
+
+def test_cli_sigkill_then_resume_equals_uninterrupted(full_run, tmp_path):
+    """Start the CLI, wait until a checkpoint exists and later steps are logged, kill -9, --resume: metrics.jsonl
+    (losses, accuracies, lr, grad norm) equals an uninterrupted run's exactly, and so do the final weights."""
+    killed = tmp_path / "killed"
+    args = _cli(killed, *STEPS, "--checkpoint-every", "4", "--tokenizer", str(full_run / "tokenizer"))
+    proc = _start_and_wait(args, killed, lambda saved, logged: saved and logged and logged[-1] > max(saved))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    done_before = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl") if line.strip()]
+    assert done_before[-1] < 40
+    _resume(killed, full_run, "--checkpoint-every", "4")
+    _assert_same_as_full(killed, full_run)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_signal_checkpoints_the_step_then_resume_equals_uninterrupted(full_run, tmp_path, sig):
+    """Ctrl-C or a scheduler's SIGTERM mid-run: the step in flight finishes, its checkpoint is written (with
+    --checkpoint-every 1000 no other one exists before the end), the exit code is 128 + signal, and --resume from
+    that checkpoint gives the uninterrupted run's metrics and final weights exactly."""
+    out = tmp_path / "stopped"
+    args = _cli(out, *STEPS, "--checkpoint-every", "1000", "--tokenizer", str(full_run / "tokenizer"))
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = _start_and_wait(args, out, lambda saved, logged: len(logged) >= 2, stderr=err)
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    steps = [s for s, _ in ckpt.list_checkpoints(out)]
+    assert len(steps) == 1 and 4 <= steps[0] < 40, steps
+    ckpt.verify_checkpoint(str(out / "checkpoints" / ckpt.checkpoint_name(steps[0])))
+    assert f"interrupted by {signal.Signals(sig).name} at step {steps[0]}" in stderr, stderr[-3000:]
+    assert "--resume" in stderr
+    logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if line.strip()]
+    assert logged[-1] <= steps[0]
+    _resume(out, full_run, "--checkpoint-every", "1000")
+    _assert_same_as_full(out, full_run)

@@ -9,14 +9,16 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
+import time
 
 import pytest
 import torch
 
 from bertfast import checkpoint as ckpt
-from bertfast.trainer import (ConfigError, LinearWarmupDecay, TrainConfig, TrainingError, param_groups, train,
-                              validate_config)
+from bertfast.trainer import (ConfigError, Interrupted, LinearWarmupDecay, TrainConfig, TrainingError, param_groups,
+                              train, validate_config)
 
 DOCS = 120  # documents of the built-in corpus for these tests
 
@@ -250,15 +252,32 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, cfg: TrainConfig, logdir
     dist.init_process_group("gloo", init_method=f"file://{where}", rank=rank, world_size=world)
     try:
         train(cfg, log=lambda *_: None)
-        assert dist.is_initialized()  # a caller's group is the caller's to destroy
+    except Interrupted as e:  # recorded for the test to compare across ranks
+        with open(os.path.join(logdir, f"rank{rank}.stopped.json"), "w") as f:
+            json.dump({"signum": e.signum, "step": e.step, "checkpoint": e.checkpoint}, f)
     finally:
+        assert dist.is_initialized()  # a caller's group is the caller's to destroy
         dist.destroy_process_group()
 
 
-def _spawn(cfg: TrainConfig, rendezvous: str, logdir) -> None:
+def _spawn(cfg: TrainConfig, rendezvous: str, logdir, during=None, timeout: float = 300) -> None:
+    """Run 2 ranks to the end; during(processes), if given, is called once they have started. Ranks still running
+    after `timeout` seconds (ranks that disagree on a collective wait forever) are killed and the test fails."""
     os.makedirs(logdir, exist_ok=True)
     try:
-        torch.multiprocessing.spawn(_ddp_worker, args=(2, rendezvous, cfg, str(logdir)), nprocs=2, join=True)
+        ctx = torch.multiprocessing.spawn(_ddp_worker, args=(2, rendezvous, cfg, str(logdir)), nprocs=2, join=False)
+        deadline = time.time() + timeout
+        try:
+            if during is not None:
+                during(ctx.processes)
+            while not ctx.join(timeout=1):
+                if time.time() > deadline:
+                    raise TimeoutError(f"the ranks still ran after {timeout:.0f} s (a hang?)")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
     except Exception as e:  # the ranks' own stderr says why, which the exception alone does not
         logs = []
         for r in range(2):
@@ -289,6 +308,39 @@ def test_train_ddp_two_processes_equal_one(run, tmp_path):
     resumed = dataclasses.replace(two, output_dir=str(tmp_path / "resumed"), resume=True)
     _spawn(resumed, f"file:{tmp_path / 'rendezvous'}", tmp_path / "logs_resumed")
     assert deterministic(read_metrics(tmp_path / "resumed")) == deterministic(recs)
+
+
+def test_train_ddp_signal_to_one_rank_stops_every_rank_at_one_step(run, tmp_path):
+    """SIGTERM to rank 1 alone (a preempted worker): both ranks finish the same step, rank 0 writes that step's
+    checkpoint and both raise Interrupted naming it; resuming the pair from it gives the uninterrupted 2-rank run's
+    metrics exactly."""
+    cfg, _, out, _ = run
+    common = dict(max_steps=40, log_every=2, checkpoint_every=1000, export_hf=None,
+                  tokenizer=os.path.join(out, "tokenizer"), dropout=0.0, batch_size=4)
+    full = dataclasses.replace(cfg, output_dir=str(tmp_path / "full"), **common)
+    stopped = dataclasses.replace(cfg, output_dir=str(tmp_path / "stopped"), **common)
+    _spawn(full, f"file:{tmp_path / 'rdzv_full'}", tmp_path / "logs_full")
+
+    def signal_rank1(processes):
+        deadline = time.time() + 240
+        metrics = tmp_path / "stopped" / "metrics.jsonl"
+        while time.time() < deadline and all(p.is_alive() for p in processes):
+            if metrics.exists() and len(read_metrics(tmp_path / "stopped")) >= 2:
+                break
+            time.sleep(0.01)
+        assert all(p.is_alive() for p in processes), "the run ended before it could be stopped"
+        os.kill(processes[1].pid, signal.SIGTERM)
+
+    logs = tmp_path / "logs_stopped"
+    _spawn(stopped, f"file:{tmp_path / 'rdzv_stopped'}", logs, during=signal_rank1)
+    ends = [json.loads((logs / f"rank{r}.stopped.json").read_text()) for r in range(2)]
+    assert ends[0] == ends[1], ends
+    step = ends[0]["step"]
+    assert ends[0]["signum"] == signal.SIGTERM and 4 <= step < 40, ends
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "stopped")] == [step]
+    resumed = dataclasses.replace(stopped, resume=True)
+    _spawn(resumed, f"file:{tmp_path / 'rdzv_resumed'}", tmp_path / "logs_resumed")
+    assert deterministic(read_metrics(tmp_path / "stopped")) == deterministic(read_metrics(tmp_path / "full"))
 
 
 @pytest.mark.gpu
