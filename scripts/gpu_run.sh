@@ -5,15 +5,25 @@
 # benchmarks with timing, and the kernel resource report; every log and the benchmark JSON/PNG land in LOGDIR.
 # The image has no `datasets`: run scripts/gpu_wheels.sh here first and carry .whl, or the data and trainer tests
 # skip.
+#
+# A device call is limited to 10 minutes, and the machine stays warm (with its build) between calls, so the stages
+# can be split across calls: bash scripts/gpu_run.sh LOGDIR [install] [gpu] [bench] [report] [suite]
+# (no stage named: all of them, in this order).
 set -uo pipefail
-LOG=${1:?usage: bash scripts/gpu_run.sh LOGDIR}
+LOG=${1:?usage: bash scripts/gpu_run.sh LOGDIR [install] [gpu] [bench] [report] [suite]}
+shift
+STAGES=" ${*:-install gpu bench report suite} "
+for s in $STAGES; do
+    case $s in install|gpu|bench|report|suite) ;; *) echo "gpu_run.sh: unknown stage '$s' (install gpu bench report suite)"; exit 2;; esac
+done
+want() { [[ $STAGES == *" $1 "* ]]; }
 mkdir -p "$LOG"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 status=0
 step() { echo "== $*" | tee -a "$LOG/summary.txt"; }
 
 step "versions"
-{ nvidia-smi; $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; nvcc --version; } > "$LOG/versions.txt" 2>&1
+{ nvidia-smi; nvcc --version; $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device visible to torch')"; } > "$LOG/versions.txt" 2>&1
 tail -3 "$LOG/versions.txt" | tee -a "$LOG/summary.txt"
 
 if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (scripts/gpu_wheels.sh): datasets and its helpers
@@ -30,24 +40,35 @@ else
     step "no .whl/: tests that need \`datasets\` will skip (scripts/gpu_wheels.sh fetches it)"
 fi
 
-step "install: pip install --no-build-isolation --no-deps -e ."
-if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG/install.log" 2>&1; then
-    tail -40 "$LOG/install.log"; echo "install failed" | tee -a "$LOG/summary.txt"; exit 1
+if want install; then
+    step "install: pip install --no-build-isolation --no-deps -e ."
+    if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG/install.log" 2>&1; then
+        tail -40 "$LOG/install.log"; echo "install failed" | tee -a "$LOG/summary.txt"; exit 1
+    fi
 fi
 
-step "gpu tests: pytest -m gpu"
-$PY -m pytest tests -m gpu -q -ra > "$LOG/tests_gpu.log" 2>&1 || status=1
-tail -15 "$LOG/tests_gpu.log" | tee -a "$LOG/summary.txt"
+if want gpu; then
+    step "gpu tests: pytest -m gpu"
+    $PY -m pytest tests -m gpu -q -ra > "$LOG/tests_gpu.log" 2>&1 || status=1
+    tail -15 "$LOG/tests_gpu.log" | tee -a "$LOG/summary.txt"
+fi
 
-step "benchmarks: pytest bench/ --benchmark"
-$PY -m pytest bench/ --benchmark -q -ra > "$LOG/bench.log" 2>&1 || status=1
-tail -15 "$LOG/bench.log" | tee -a "$LOG/summary.txt"
-cp bench/results/*.json bench/results/*.png bench/RESULTS.md "$LOG/" 2>/dev/null
+if want bench; then
+    step "benchmarks: pytest bench/ --benchmark"
+    $PY -m pytest bench/ --benchmark -q -ra > "$LOG/bench.log" 2>&1 || status=1
+    tail -15 "$LOG/bench.log" | tee -a "$LOG/summary.txt"
+    cp bench/results/*.json bench/results/*.png bench/RESULTS.md "$LOG/" 2>/dev/null
+fi
 
-step "kernel report"
-$PY -m bertfast.kernels.report > "$LOG/kernel_report.txt" 2>&1 || status=1
+if want report; then
+    step "kernel report"
+    $PY -m bertfast.kernels.report > "$LOG/kernel_report.txt" 2>&1 || status=1
+fi
 
-step "whole suite (CPU tests included)"
-$PY -m pytest tests -q -ra > "$LOG/tests_all.log" 2>&1 || status=1
-tail -5 "$LOG/tests_all.log" | tee -a "$LOG/summary.txt"
+if want suite; then
+    step "whole suite (CPU tests included)"
+    $PY -m pytest tests -q -ra > "$LOG/tests_all.log" 2>&1 || status=1
+    tail -5 "$LOG/tests_all.log" | tee -a "$LOG/summary.txt"
+fi
+echo "== done (exit $status); logs in $LOG"
 exit $status
