@@ -343,11 +343,13 @@ def test_train_ddp_signal_to_one_rank_stops_every_rank_at_one_step(run, tmp_path
     assert deterministic(read_metrics(tmp_path / "stopped")) == deterministic(read_metrics(tmp_path / "full"))
 
 
-@pytest.mark.gpu
+# Not marked `gpu`: DESIGN.md keeps the `gpu` tests free of `datasets`, which the GPU image lacks; this one runs
+# in the GPU script's whole-suite stage when the wheels of scripts/gpu_wheels.sh are carried.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_train_on_gpu(run, tmp_path, precision):
     """The whole loop on a GPU with the default kernels (impl auto): finite metrics, the MLM loss falls, MFU is
-    logged for a known card, and the checkpoint loads back on the CPU."""
+    logged for a known card, and the checkpoint's weights are finite."""
     cfg, _, out, _ = run
     gpu = dataclasses.replace(cfg, output_dir=str(tmp_path / "gpu"), device="cuda", precision=precision,
                               max_steps=24, checkpoint_every=12, export_hf=None, threads=0,
