@@ -105,10 +105,11 @@ def full_run(tmp_path_factory):
     return full
 
 
-def _start_and_wait(args, out, ready, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-    """Start the CLI and poll its output folder until ready(checkpoint steps, logged steps) holds; returns the
-    running process (the test fails if it ended first)."""
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=stdout, stderr=stderr, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+def _start_and_wait(args, out, ready, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, new_group=False):
+    """Start the CLI (in a process group of its own if new_group) and poll its output folder until
+    ready(checkpoint steps, logged steps) holds; returns the running process (the test fails if it ended first)."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=stdout, stderr=stderr, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            start_new_session=new_group)
     saved, logged = [], []
     try:
         deadline = time.time() + 240
@@ -163,16 +164,22 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(full_run, tmp_path):
     _assert_same_as_full(killed, full_run)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_cli_signal_checkpoints_the_step_then_resume_equals_uninterrupted(full_run, tmp_path, sig):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGINT, 2)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-to-the-group-with-loader-workers"])
+def test_cli_signal_checkpoints_the_step_then_resume_equals_uninterrupted(full_run, tmp_path, sig, workers):
     """Ctrl-C or a scheduler's SIGTERM mid-run: the step in flight finishes, its checkpoint is written (with
     --checkpoint-every 1000 no other one exists before the end), the exit code is 128 + signal, and --resume from
-    that checkpoint gives the uninterrupted run's metrics and final weights exactly."""
+    that checkpoint gives the uninterrupted run's metrics and final weights exactly. With loader workers the
+    signal goes to the whole process group, as a terminal's Ctrl-C does: the workers must not die of it."""
     out = tmp_path / "stopped"
-    args = _cli(out, *STEPS, "--checkpoint-every", "1000", "--tokenizer", str(full_run / "tokenizer"))
+    args = _cli(out, *STEPS, "--checkpoint-every", "1000", "--tokenizer", str(full_run / "tokenizer"),
+                "--num-workers", str(workers))
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = _start_and_wait(args, out, lambda saved, logged: len(logged) >= 2, stderr=err)
-        os.kill(proc.pid, sig)
+        proc = _start_and_wait(args, out, lambda saved, logged: len(logged) >= 2, stderr=err, new_group=workers > 0)
+        if workers:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         try:
             proc.wait(timeout=60)
         finally:

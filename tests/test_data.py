@@ -260,6 +260,45 @@ def test_same_batches_whatever_the_number_of_workers(cache):
     assert l0.epoch == 1 and not batches_equal(a[0], c)
 
 
+def test_workers_leave_the_global_rng_alone(cache):
+    """Iterating with workers draws nothing from torch's global generator (the trainer's dropout stream): a run
+    with --num-workers N trains exactly like one without, and a resume (a new iterator) stays exact."""
+    kw = dict(cache_dir=cache, output_dir=os.path.join(cache, "out"), **SMALL)
+    _, l2 = load_data("builtin", num_workers=2, **kw)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    next(iter(l2))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def _children() -> set[int]:
+    pids = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/self/task/{os.getpid()}/children"), reason="needs /proc children")
+def test_workers_outlive_a_ctrl_c_to_the_process_group(cache):
+    """A terminal's Ctrl-C reaches the loader's workers too; the training process handles it (finishes the step,
+    checkpoints), so the workers must ignore it: the epoch is still read to the end."""
+    import signal
+    import time
+
+    kw = dict(cache_dir=cache, output_dir=os.path.join(cache, "out"), **SMALL)
+    _, l1 = load_data("builtin", num_workers=1, **kw)
+    before = _children()
+    it = iter(l1)
+    next(it)
+    workers = _children() - before
+    assert workers, "no worker process found"
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert 1 + sum(1 for _ in it) == len(l1)
+
+
 def test_resume_continues_at_the_next_unconsumed_batch(cache):
     kw = dict(cache_dir=cache, output_dir=os.path.join(cache, "out"), **SMALL)
     _, ref = load_data("builtin", **kw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 
 import numpy as np
 import torch
@@ -14,6 +15,14 @@ from .errors import DataError
 from .masking import default_max_predictions
 
 log = logging.getLogger(__name__)
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's process group, and schedulers send SIGTERM to all of a
+    job's processes: the training process handles both (it finishes its step and checkpoints), so a loader
+    worker ignores them rather than die under it. Workers still exit with the loader or the training process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _PairSamples(torch.utils.data.Dataset):
@@ -119,7 +128,11 @@ class PretrainingLoader:
         if self.num_workers > 0:
             dl = torch.utils.data.DataLoader(
                 self.samples, batch_sampler=keys, collate_fn=self.collator, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                worker_init_fn=_worker_ignores_stop_signals,
+                # its own generator for the workers' base seed: drawing it from the global one would shift the
+                # training process's dropout stream by one draw per iterator (samples are seeded by their key)
+                generator=torch.Generator().manual_seed(self.seed))
             it = iter(dl)
         else:
             it = (self.collator(self.samples.__getitems__(k)) for k in keys)
