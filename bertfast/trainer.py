@@ -731,10 +731,12 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
             metrics_f.close()
 
     if d.is_main:
-        if not epoch_stats or epoch_stats[-1]["step"] != step:
-            pass  # the run stopped inside an epoch (--max-steps): its partial average is in metrics.jsonl
-        log(f"done: {step} steps; last logged loss {result.get('loss', float('nan')):.4f}, NSP acc "
-            f"{100 * result.get('nsp_acc', float('nan')):.1f}%; checkpoint {last_ckpt}")
+        if result:
+            log(f"done: {step} steps; last logged loss {result['loss']:.4f}, NSP acc "
+                f"{100 * result['nsp_acc']:.1f}%; checkpoint {last_ckpt}")
+        else:  # --resume of a run that had already reached its last step
+            log(f"done: nothing left to train, {last_ckpt} is already at the run's last step ({step}); raise "
+                "--max-steps or --epochs to train further")
         if cfg.export_hf:
             export_hf(model, cfg.export_hf, tokenizer)
             log(f"exported a transformers BertForPreTraining + tokenizer to {cfg.export_hf}")

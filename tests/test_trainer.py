@@ -145,6 +145,17 @@ def test_train_resume_refuses_another_model(run, tmp_path):
         ckpt.check_model_config(str(work / "checkpoints" / "step_00000024"), mc)
 
 
+def test_train_resume_of_a_finished_run_says_so(run, tmp_path):
+    cfg, summary, out, _ = run
+    shutil.copytree(out, tmp_path / "done")
+    logs = []
+    again = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "done"), resume=True, export_hf=None),
+                  log=logs.append)
+    assert again["step"] == summary["step"] == 24
+    assert any("nothing left to train" in m and "--max-steps" in m for m in logs), logs
+    assert read_metrics(tmp_path / "done") == read_metrics(out)
+
+
 def test_train_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--resume.*nothing to resume"):
         validate_config(tiny_cfg(tmp_path, resume=True))
