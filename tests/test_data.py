@@ -244,6 +244,12 @@ def test_tokenizer_trained_saved_and_reused(tmp_path, monkeypatch):
     tok3, _ = load_data("builtin", tokenizer=str(saved), **{**kw, "output_dir": None})  # by path
     assert tok3.get_vocab() == tok.get_vocab()
     assert tmpmod is tokmod
+    # a bare vocab.txt (transformers 5 ignores the vocab_file= of transformers 4 and keeps only the specials)
+    words = sorted(tok.get_vocab(), key=tok.get_vocab().get)
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok4 = tokmod.load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert len(tok4) == len(tok) and tok4.get_vocab() == tok.get_vocab()
+    assert tok4("the bakery")["input_ids"] == tok("the bakery")["input_ids"]
 
 
 # ------------------------------------------------------------------------------------------------ order
@@ -394,6 +400,9 @@ def test_bad_inputs_say_what_failed_and_what_to_do(tmp_path, monkeypatch):
         load_data(str(tmp_path / "x.csv"), **kw)
     with pytest.raises(DataError, match=r"tokenizer=.*no_such_tok.*train a WordPiece"):
         load_data("builtin", tokenizer=str(tmp_path / "no_such_tok"), builtin_docs=20, **kw)
+    (tmp_path / "empty_tok").mkdir()  # transformers 5 loads this as a tokenizer of the 5 special tokens
+    with pytest.raises(DataError, match=r"tokenizer=.*empty_tok.*only the special ones.*train a WordPiece"):
+        load_data("builtin", tokenizer=str(tmp_path / "empty_tok"), builtin_docs=20, **kw)
     # a hub dataset while offline: the real default ids, failing fast through the offline switch
     import datasets
     import huggingface_hub

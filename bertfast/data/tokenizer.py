@@ -20,18 +20,32 @@ def load_tokenizer(name_or_path: str):
     from transformers import BertTokenizerFast
 
     local = os.path.isdir(name_or_path) or os.path.isfile(name_or_path)
+    where = "the local folder" if local else "the Hugging Face hub (is the network reachable?)"
+    todo = ("Pass a local folder holding vocab.txt / tokenizer.json, or leave tokenizer unset to train a "
+            "WordPiece vocabulary on the corpus offline.")
     try:
-        if os.path.isfile(name_or_path):  # a bare vocab.txt
-            return BertTokenizerFast(vocab_file=name_or_path)
-        return BertTokenizerFast.from_pretrained(name_or_path)
+        if os.path.isfile(name_or_path):  # a bare vocab.txt: transformers 4 calls it vocab_file, 5 vocab
+            import inspect
+
+            key = "vocab_file" if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab"
+            tok = BertTokenizerFast(**{key: name_or_path})
+        else:
+            tok = BertTokenizerFast.from_pretrained(name_or_path)
     except Exception as e:  # network, missing files, wrong format: all reported the same way
-        where = "the local folder" if local else "the Hugging Face hub (is the network reachable?)"
-        raise DataError(
-            f"tokenizer={name_or_path!r}",
-            f"could not load a BertTokenizerFast from {where} ({type(e).__name__}: {e})",
-            "Pass a local folder holding vocab.txt / tokenizer.json, or leave tokenizer unset to train a "
-            "WordPiece vocabulary on the corpus offline.",
-        ) from e
+        raise DataError(f"tokenizer={name_or_path!r}",
+                        f"could not load a BertTokenizerFast from {where} ({type(e).__name__}: {e})", todo) from e
+    # transformers 5 builds a tokenizer of nothing but the special tokens when it finds no vocabulary file (an
+    # empty folder, or a hub name while offline) instead of failing: refuse it rather than train on [UNK]s
+    if len(tok) <= len(SPECIAL_TOKENS):
+        raise DataError(f"tokenizer={name_or_path!r}",
+                        f"{where} gave a tokenizer of {len(tok)} tokens, only the special ones: no vocabulary file "
+                        "was found there", todo)
+    missing = [name for name in ("pad", "cls", "sep", "mask", "unk") if getattr(tok, f"{name}_token_id") is None]
+    if missing:
+        raise DataError(f"tokenizer={name_or_path!r}",
+                        f"the tokenizer has no {', '.join(f'[{m.upper()}]' for m in missing)} token, which BERT "
+                        "pretraining needs", todo)
+    return tok
 
 
 def train_wordpiece(sentences: Iterable[str], vocab_size: int, save_dir: str, model_max_length: int = 512):
