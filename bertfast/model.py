@@ -184,7 +184,8 @@ class BertForPreTraining(nn.Module):
     `BertForPreTraining(vocab_size=..., hidden_size=..., ...)` (BertConfig's fields).
 
     impl: "auto" | "triton" | "ext" | "torch", or a dict {op name: impl} (missing ops use "auto"): which
-    implementation each op in bertfast.ops runs with. unpad: run the encoder on unpadded tokens when an
+    implementation each op in bertfast.ops runs with; a model-wide "triton" or "ext" applies to the ops that
+    have it, the others run as with "auto". unpad: run the encoder on unpadded tokens when an
     attention_mask is given (same numbers, less work)."""
 
     def __init__(self, config: BertConfig | None = None, *, impl: str | dict = "auto", unpad: bool = True,
@@ -232,7 +233,7 @@ class BertForPreTraining(nn.Module):
     def _impl(self, op: str) -> str:
         if isinstance(self.impl, dict):
             return self.impl.get(op, "auto")
-        return self.impl
+        return ops.op_impl(op, self.impl)
 
     # ------------------------------------------------------------------ input checks
     def _check(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, mlm_positions,

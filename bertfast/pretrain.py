@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "embeddings)")
     m.add_argument("--dropout", type=float, default=_D.dropout, help="hidden and attention dropout (None: BERT's "
                    "0.1)")
-    m.add_argument("--impl", default=_D.impl, help="op implementations: auto, triton, ext or torch")
+    m.add_argument("--impl", default=_D.impl, help="op implementations: auto, triton, ext or torch (triton / ext "
+                   "apply to the ops that have them, the others run as with auto; triton on a CPU needs "
+                   "TRITON_INTERPRET=1)")
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", default=_D.data, metavar="NAME[:RATIO]",
                    help="corpora: builtin, bookcorpus, wikipedia, or local .txt/.jsonl/.parquet files / folders / "

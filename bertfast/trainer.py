@@ -166,6 +166,12 @@ def validate_config(cfg: TrainConfig) -> None:
                  "--device cpu (or auto)")
             need(d.index is None or d.index < torch.cuda.device_count(), "--device",
                  f"{dev!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    on_cpu = torch.device(dev).type == "cpu" if dev != "auto" else not torch.cuda.is_available()
+    if cfg.impl == "triton" and on_cpu:
+        from bertfast.kernels._launch import interpreter_on
+
+        need(interpreter_on(), "--impl", "triton on the CPU needs Triton's interpreter (slow: it is for tests), which "
+             "is off: set TRITON_INTERPRET=1 in the environment, or use --impl auto (or torch) on the CPU")
     _check_writable(cfg.output_dir, "--output-dir")
     if cfg.export_hf:
         _check_writable(cfg.export_hf, "--export-hf")

@@ -64,6 +64,12 @@ def test_cli_bad_input(argv, flag, hint, capsys, tmp_path):
     assert f"argument {flag}" in err and hint in err, err
 
 
+def test_cli_triton_on_cpu_without_the_interpreter(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    err = _bad(["--impl", "triton", "--device", "cpu", "--output-dir", str(tmp_path / "out")], capsys, tmp_path)
+    assert "argument --impl" in err and "TRITON_INTERPRET=1" in err and "--impl auto" in err, err
+
+
 def test_cli_unwritable_output_dir(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -42,6 +42,24 @@ def test_auto_on_cpu_equals_torch(unpad):
     _compare(_run("auto", unpad), _run("torch", unpad), 1e-5)
 
 
+def test_model_wide_impl_applies_to_the_ops_that_have_it():
+    """impl="ext" (or "triton") for the whole model: those kernels where they exist, "auto" for the other ops."""
+    from bertfast import ops
+
+    assert ops.describe("cpu", "ext") == ops.describe("cpu", "auto")
+    assert ops.describe("cuda", "ext") == ops.describe("cuda", "triton") == ops.describe("cuda", "auto")
+    assert set(ops.describe("cuda", "auto").values()) == {"triton", "ext"}
+    assert ops.op_impl("layer_norm", "ext") == "auto" and ops.op_impl("mlm_gather", "ext") == "ext"
+    assert ops.op_impl("mlm_gather", "triton") == "auto" and ops.op_impl("attention", "triton") == "triton"
+    _compare(_run("ext", True), _run("torch", True), 1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("unpad", [True, False])
+def test_model_wide_triton_in_interpreter_equals_torch(unpad):
+    _compare(_run("triton", unpad), _run("torch", unpad), 1e-4)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("unpad", [True, False])
 def test_triton_in_interpreter_equals_torch(unpad):

@@ -53,6 +53,14 @@ def resolve_impl(op: str, impl: str, device: torch.device | str) -> str:
     return impl
 
 
+def op_impl(op: str, impl: str) -> str:
+    """The impl `op` gets from a model-wide choice: "triton" and "ext" apply to the ops that have them, and the
+    other ops run as with "auto" (so impl="ext" means the extension's loss kernels plus the default elsewhere)."""
+    if impl in ("triton", "ext") and op not in _MODULES[impl]:
+        return "auto"
+    return impl
+
+
 def _backend(op: str, impl: str):
     if impl == "torch":
         return getattr(reference, op)
@@ -60,8 +68,9 @@ def _backend(op: str, impl: str):
 
 
 def describe(device: torch.device | str, impl: str = "auto") -> dict[str, str]:
-    """{op: concrete impl} for tensors on `device`: what the trainer prints at start."""
-    return {op: resolve_impl(op, impl, device) for op in _FAST}
+    """{op: concrete impl} for tensors on `device` under the model-wide choice `impl` (see op_impl): what the
+    trainer prints at start."""
+    return {op: resolve_impl(op, op_impl(op, impl), device) for op in _FAST}
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, *, x_bias=None, dropout_p: float = 0.0,
@@ -100,5 +109,5 @@ def softmax_cross_entropy(logits, target, ignore_index: int = -100, *, impl: str
     return fn(logits, target, ignore_index)
 
 
-__all__ = ["IMPLS", "resolve_impl", "describe", "layer_norm", "bias_gelu", "attention", "varlen_attention",
-           "mlm_gather", "softmax_cross_entropy"]
+__all__ = ["IMPLS", "resolve_impl", "op_impl", "describe", "layer_norm", "bias_gelu", "attention",
+           "varlen_attention", "mlm_gather", "softmax_cross_entropy"]
