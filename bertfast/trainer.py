@@ -91,14 +91,18 @@ class Interrupted(Exception):
 
 class _StopRequest:
     """While the loop runs, the first SIGINT / SIGTERM only asks it to finish the current step, write a
-    checkpoint and stop; a second one interrupts at once (KeyboardInterrupt). Handlers can only be set from the
-    main thread: elsewhere the signals keep their own behaviour."""
+    checkpoint and stop; another one at least `again_after` seconds later interrupts at once (KeyboardInterrupt).
+    Signals within that window count as the first: a terminal's Ctrl-C under torchrun reaches a worker twice,
+    once from the terminal and once forwarded by torchrun. Handlers can only be set from the main thread:
+    elsewhere the signals keep their own behaviour."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, say):
+    def __init__(self, say, again_after: float = 1.0):
         self.signum: int | None = None
         self._say = say
+        self._again_after = again_after
+        self._first = 0.0
         self._previous = {}
 
     def install(self) -> None:
@@ -113,8 +117,10 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+            if time.monotonic() - self._first >= self._again_after:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first = signum, time.monotonic()
         self._say(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint and stopping "
                   "(send it again to stop at once, without a checkpoint)")
 

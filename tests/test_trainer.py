@@ -403,6 +403,33 @@ def test_train_export_hf_loads_in_transformers(run):
     torch.testing.assert_close(ours.seq_relationship_score, theirs.seq_relationship_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_stop_request_counts_a_quick_repeat_as_one_and_a_later_one_as_abort():
+    """The first signal asks for a graceful stop; a repeat within the window (torchrun forwarding the terminal's
+    Ctrl-C) is the same request; one after the window aborts at once. Handlers are restored afterwards."""
+    from bertfast.trainer import _StopRequest
+
+    said = []
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop = _StopRequest(said.append, again_after=0.3)
+    stop.install()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        except KeyboardInterrupt:  # caught here: it would otherwise end the whole pytest session
+            pytest.fail("a repeat within the window aborted instead of joining the first request")
+        assert stop.signum == signal.SIGTERM and len(said) == 1 and "SIGTERM" in said[0]
+        time.sleep(0.35)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        stop.restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_train_param_groups_and_schedule():
     from bertfast.model import BertConfig, BertForPreTraining
 
