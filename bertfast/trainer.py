@@ -189,6 +189,12 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ConfigError("--resume", f"nothing to resume in --output-dir {cfg.output_dir!r} ({why}). Drop "
                               "--resume to start a new run, or point --output-dir at the run to continue.")
         _check_preset_matches(cfg, found.path)
+    elif ckpt.list_checkpoints(cfg.output_dir):
+        found = ckpt.find_latest_checkpoint(cfg.output_dir)  # only corrupt ones: a new run may start there
+        if found is not None and found.step >= 0:
+            raise ConfigError("--output-dir", f"{cfg.output_dir!r} already holds a run (its latest checkpoint is at "
+                              f"step {found.step}); a new run there would mix its metrics and checkpoints with that "
+                              "one's. Continue it with --resume, or choose a new --output-dir.")
 
 
 def _check_writable(path: str, flag: str) -> None:
@@ -574,7 +580,9 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
         ckpt.set_rng_state(resume_rng)
     peak = peak_flops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     metrics_path = os.path.join(out, "metrics.jsonl")
-    metrics_f = open(metrics_path, "a") if d.is_main else None
+    # a new run starts the file afresh (metrics of an earlier attempt that never checkpointed are dropped); a
+    # resumed one appends to the file cut back to its checkpoint
+    metrics_f = open(metrics_path, "a" if found is not None else "w") if d.is_main else None
     bar = None
     if d.is_main and cfg.progress:
         from tqdm.auto import tqdm

@@ -156,6 +156,19 @@ def test_train_resume_of_a_finished_run_says_so(run, tmp_path):
     assert read_metrics(tmp_path / "done") == read_metrics(out)
 
 
+def test_train_new_run_over_an_existing_one_is_refused_and_a_failed_attempt_restarts_clean(run, tmp_path):
+    cfg, _, out, _ = run
+    with pytest.raises(ConfigError, match=r"--output-dir.*already holds a run.*step 24.*--resume"):
+        validate_config(dataclasses.replace(cfg, resume=False))
+    # an attempt that logged but never checkpointed: a new run there starts metrics.jsonl afresh
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n')
+    train(dataclasses.replace(cfg, output_dir=str(fresh), max_steps=2, log_every=1, export_hf=None,
+                              tokenizer=os.path.join(out, "tokenizer")), log=lambda *_: None)
+    assert [r["step"] for r in read_metrics(fresh)] == [1, 2]
+
+
 def test_train_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--resume.*nothing to resume"):
         validate_config(tiny_cfg(tmp_path, resume=True))
