@@ -97,12 +97,13 @@ def _metrics(out):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "tflops_per_s")} for r in recs]
 
 
-STEPS = ["--max-steps", "40", "--log-every", "2"]
+TOTAL = 80  # steps of every run here: the runs that are stopped mid-way must still be running when stopped
+STEPS = ["--max-steps", str(TOTAL), "--log-every", "2"]
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """The uninterrupted reference run (40 steps, checkpoints every 4) the interrupted runs are compared with."""
+    """The uninterrupted reference run (TOTAL steps, checkpoints every 4) the interrupted runs are compared with."""
     pytest.importorskip("datasets", reason="the data pipeline needs `datasets` (see scripts/gpu_wheels.sh)")
     full = tmp_path_factory.mktemp("full")
     ref = subprocess.run(_cli(full, *STEPS, "--checkpoint-every", "4"), cwd=ROOT, capture_output=True, text=True,
@@ -142,8 +143,9 @@ def _assert_same_as_full(out, full):
     assert _metrics(out) == _metrics(full)
     from safetensors.torch import load_file
 
-    a = load_file(str(full / "checkpoints" / "step_00000040" / "model.safetensors"))
-    b = load_file(str(out / "checkpoints" / "step_00000040" / "model.safetensors"))
+    last = ckpt.checkpoint_name(TOTAL)
+    a = load_file(str(full / "checkpoints" / last / "model.safetensors"))
+    b = load_file(str(out / "checkpoints" / last / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
@@ -165,7 +167,7 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(full_run, tmp_path):
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     done_before = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl") if line.strip()]
-    assert done_before[-1] < 40
+    assert done_before[-1] < TOTAL
     _resume(killed, full_run, "--checkpoint-every", "4")
     _assert_same_as_full(killed, full_run)
 
@@ -193,7 +195,7 @@ def test_cli_signal_checkpoints_the_step_then_resume_equals_uninterrupted(full_r
     stderr = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 128 + sig, stderr[-3000:]
     steps = [s for s, _ in ckpt.list_checkpoints(out)]
-    assert len(steps) == 1 and 4 <= steps[0] < 40, steps
+    assert len(steps) == 1 and 4 <= steps[0] < TOTAL, steps
     ckpt.verify_checkpoint(str(out / "checkpoints" / ckpt.checkpoint_name(steps[0])))
     assert f"interrupted by {signal.Signals(sig).name} at step {steps[0]}" in stderr, stderr[-3000:]
     assert "--resume" in stderr
