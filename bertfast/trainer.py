@@ -189,8 +189,8 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ConfigError("--resume", f"nothing to resume in --output-dir {cfg.output_dir!r} ({why}). Drop "
                               "--resume to start a new run, or point --output-dir at the run to continue.")
         _check_preset_matches(cfg, found.path)
-    elif ckpt.list_checkpoints(cfg.output_dir):
-        found = ckpt.find_latest_checkpoint(cfg.output_dir)  # only corrupt ones: a new run may start there
+    else:
+        found = ckpt.find_latest_checkpoint(cfg.output_dir)  # None without checkpoints; step -1: all corrupt
         if found is not None and found.step >= 0:
             raise ConfigError("--output-dir", f"{cfg.output_dir!r} already holds a run (its latest checkpoint is at "
                               f"step {found.step}); a new run there would mix its metrics and checkpoints with that "
@@ -316,16 +316,18 @@ def _setup_distributed(device_type: str) -> _Dist:
     as it is and left for its owner to destroy; otherwise torchrun's environment (WORLD_SIZE > 1) starts one."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        return _Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-
-    d = _Dist(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    joined = dist.is_available() and dist.is_initialized()
+    if joined:
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return _Dist()
+        rank = int(os.environ["RANK"])
+    d = _Dist(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
               local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    if joined:
+        return d
     if device_type == "cuda":
         torch.cuda.set_device(d.local_rank)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")

@@ -99,6 +99,7 @@ def _metrics(out):
 
 TOTAL = 80  # steps of every run here: the runs that are stopped mid-way must still be running when stopped
 STEPS = ["--max-steps", str(TOTAL), "--log-every", "2"]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines reach the files as they are printed
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def full_run(tmp_path_factory):
     pytest.importorskip("datasets", reason="the data pipeline needs `datasets` (see scripts/gpu_wheels.sh)")
     full = tmp_path_factory.mktemp("full")
     ref = subprocess.run(_cli(full, *STEPS, "--checkpoint-every", "4"), cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                         timeout=300, env=ENV)
     assert ref.returncode == 0, ref.stderr[-3000:]
     return full
 
@@ -115,7 +116,7 @@ def full_run(tmp_path_factory):
 def _start_and_wait(args, out, ready, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, new_group=False):
     """Start the CLI (in a process group of its own if new_group) and poll its output folder until
     ready(checkpoint steps, logged steps) holds; returns the running process (the test fails if it ended first)."""
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=stdout, stderr=stderr, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=stdout, stderr=stderr, env=ENV,
                             start_new_session=new_group)
     saved, logged = [], []
     try:
@@ -151,7 +152,7 @@ def _assert_same_as_full(out, full):
 
 def _resume(out, full, *extra):
     p = subprocess.run(_cli(out, *STEPS, "--tokenizer", str(full / "tokenizer"), *extra, "--resume"), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                       capture_output=True, text=True, timeout=300, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming from" in p.stdout
     return p
