@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _utils import assert_close
+
 from bertfast import reference
 from bertfast.ops import _ext
 
@@ -17,28 +19,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # absolute slack added to the "2 x eager error" rule, per dtype (loss, gradient)
 ATOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-7), torch.float16: (2e-4, 2e-5),
         torch.bfloat16: (2e-4, 2e-4)}
-
-
-@pytest.fixture
-def nan_empty():
-    """Every torch.empty / at::empty (including those inside the kernels) is NaN-filled while this is on, so an
-    output element a kernel forgets to write fails the comparison."""
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    assert torch.empty(4).isnan().all()  # the mechanism itself works
-    yield
-    torch.use_deterministic_algorithms(old)
-
-
-def _assert_within(out, ref64, same_dtype, atol, what):
-    """|out - ref64| <= 2 |same_dtype - ref64| + atol, elementwise."""
-    out, same_dtype = out.double(), same_dtype.double()
-    err = (out - ref64).abs()
-    bound = 2 * (same_dtype - ref64).abs() + atol
-    bad = ~(err <= bound)  # NaN fails
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance; worst error "
-                           f"{err.max().item():.3g} (bound there {bound.flatten()[err.argmax()].item():.3g})")
 
 
 def _targets(n, v, ignore_index=-100, p_ignore=0.3):
@@ -67,9 +47,10 @@ def check_ce(x, t, ignore_index=-100, label_smoothing=0.0, grad_scale=1.0):
     ref_loss, ref_grad = _ce_ref(x.double(), t, ignore_index, label_smoothing)
     same_loss, same_grad = _ce_ref(x, t, ignore_index, label_smoothing)
     atol_l, atol_g = ATOL[dtype]
-    _assert_within(loss, ref_loss, same_loss, atol_l * max(1.0, ref_loss.abs().item()), "loss")
+    assert_close(loss, ref_loss, same_loss, atol=atol_l * max(1.0, ref_loss.abs().item()), what="loss",
+                 check_dtype=False)
     assert x.grad.dtype == dtype and x.grad.shape == x.shape
-    _assert_within(x.grad, ref_grad * grad_scale, same_grad * grad_scale, atol_g * abs(grad_scale), "grad")
+    assert_close(x.grad, ref_grad * grad_scale, same_grad * grad_scale, atol=atol_g * abs(grad_scale), what="grad")
     return loss, x.grad
 
 
@@ -266,7 +247,7 @@ def test_mlm_gather_matches_reference(b, s, h, p, dtype, nan_empty):
     reference.mlm_gather(h64, pos).backward(g.to(dtype).double())
     hs = hidden.detach().clone().requires_grad_()
     reference.mlm_gather(hs, pos).backward(g.to(dtype))
-    _assert_within(hidden.grad, h64.grad, hs.grad, 1e-6 if dtype == torch.float64 else 1e-3, "grad_hidden")
+    assert_close(hidden.grad, h64.grad, hs.grad, atol=1e-6 if dtype == torch.float64 else 1e-3, what="grad_hidden")
 
 
 def test_mlm_gather_non_contiguous_hidden():
@@ -397,7 +378,7 @@ def test_mlm_gather_cuda(dtype, nan_empty):
     reference.mlm_gather(h64, pos).backward(g.double())
     hs = hidden.detach().clone().requires_grad_()
     reference.mlm_gather(hs, pos).backward(g)
-    _assert_within(hidden.grad, h64.grad, hs.grad, 1e-6 if dtype == torch.float64 else 1e-3, "grad_hidden")
+    assert_close(hidden.grad, h64.grad, hs.grad, atol=1e-6 if dtype == torch.float64 else 1e-3, what="grad_hidden")
 
 
 _ASSERT_SCRIPT = """

@@ -1,21 +1,19 @@
 """Triton residual + LayerNorm (with fused bias + dropout) and bias + GELU: forward and every gradient against a
 float64 reference; NaN-prefilled outputs; dropout mask, determinism and keep rate; input validation; opcheck and
 torch.compile tracing. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _utils import assert_close, requires_triton, triton_device
 
 from bertfast import ops, reference
 from bertfast.kernels import gelu as gelu_kernels
 from bertfast.kernels import layer_norm as ln_kernels
 from bertfast.ops import _triton_norm as tn
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1",
-    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+DEVICE = triton_device()
+pytestmark = requires_triton
 
 SHAPES = [(1, 1, 8), (3, 37, 100), (5, 768), (2, 1023), (4, 4096)]
 DTYPES = [  # dtype, atol, rtol: on top of twice the error of eager torch in the same dtype
@@ -24,18 +22,6 @@ DTYPES = [  # dtype, atol, rtol: on top of twice the error of eager torch in the
     (torch.bfloat16, 1e-2, 1e-2),
 ]
 EPS = 1e-5
-
-
-def assert_like_ref(name, out, ref64, same_dtype, atol, rtol):
-    """|out - ref64| <= 2 |same_dtype - ref64| + atol + rtol |ref64|, elementwise (flash-attention's rule)."""
-    assert out.shape == ref64.shape, (name, out.shape, ref64.shape)
-    assert out.dtype == same_dtype.dtype, (name, out.dtype, same_dtype.dtype)
-    assert not out.isnan().any(), f"{name}: NaN in output"
-    err = (out.double() - ref64).abs()
-    bound = 2 * (same_dtype.double() - ref64).abs() + atol + rtol * ref64.abs()
-    worst = (err - bound).argmax()
-    assert (err <= bound).all(), (f"{name}: max err {err.max().item():.3g}, at worst element err "
-                                  f"{err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g}")
 
 
 def ref_layer_norm(x, weight, bias, eps, residual, x_bias, keep, p, compute):
@@ -103,12 +89,12 @@ def check_layer_norm(shape, dtype, atol, rtol, residual, x_bias, p, param_dtype=
     ys.backward(dy)
 
     names = ["x", "weight", "bias", "residual", "x_bias"]
-    assert_like_ref("y", y, y64, ys, atol, rtol)
+    assert_close(y, y64, ys, atol=atol, rtol=rtol, what="y")
     for name, g, g64, gs in zip(names, grads(ours), grads(r64), grads(same)):
         if g64 is None:
             continue
         assert g is not None, f"no gradient for {name}"
-        assert_like_ref(f"d{name}", g, g64, gs, atol, rtol)
+        assert_close(g, g64, gs, atol=atol, rtol=rtol, what=f"d{name}")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -278,9 +264,9 @@ def test_bias_gelu_matches_float64(shape, dtype, atol, rtol):
     y64.backward(dy.double())
     ys = reference.bias_gelu(*same)
     ys.backward(dy)
-    assert_like_ref("y", y, y64, ys, atol, rtol)
+    assert_close(y, y64, ys, atol=atol, rtol=rtol, what="y")
     for name, g, g64, gs in zip(["x", "bias"], grads(ours), grads(r64), grads(same)):
-        assert_like_ref(f"d{name}", g, g64, gs, atol, rtol)
+        assert_close(g, g64, gs, atol=atol, rtol=rtol, what=f"d{name}")
 
 
 @pytest.mark.gpu
