@@ -1,98 +1,34 @@
-"""BERT for pretraining (masked LM + next sentence prediction), built from bertfast.ops.
+"""BERT built from bertfast.ops: the encoder, the pretraining model (masked LM + next sentence prediction) and a
+sequence classifier.
 
 Post-LN BERT as in the paper and in transformers: embeddings (word + position + token type) -> LayerNorm ->
 dropout; each layer: fused QKV -> attention -> dense -> LayerNorm(dropout(.) + residual) -> dense + GELU -> dense ->
-LayerNorm(dropout(.) + residual); tanh pooler on [CLS]; MLM head dense + GELU + LayerNorm + decoder tied to the
-word embeddings (+ bias); NSP head on the pooled output.
+LayerNorm(dropout(.) + residual); tanh pooler on [CLS]. Pretraining heads: MLM dense + GELU + LayerNorm + decoder
+tied to the word embeddings (+ bias), NSP on the pooled output. Classifier: dropout + Linear on the pooled output.
 
 Two encoder layouts give the same numbers (tests/test_model.py):
 - padded: every layer runs on [batch, seqlen, hidden] and attention masks the padding;
-- unpadded (`unpad=True`, the default when an attention_mask is given): the padding is removed once after the
-  embeddings, every layer runs on [total_tokens, hidden] with `varlen_attention`, and only the masked positions
-  (MLM) and the [CLS] rows (NSP) are gathered for the heads. The one host-device synchronisation per step is the
-  longest sequence length that varlen attention needs.
+- unpadded (`unpad=True`, the default when an attention_mask is given): the padding is removed once before the
+  embeddings (bertfast.padding), every layer runs on [total_tokens, hidden] with `varlen_attention`, and only the
+  masked positions (MLM) and the [CLS] rows are gathered for the heads. The one host-device synchronisation per
+  step is the longest sequence length that varlen attention needs.
+
+Padding may be on the right (BERT's collators) or on the left: positions count from each sequence's first real
+token and [CLS] is its first real token, in both layouts (so a left-padded sequence gives the same result as the
+same sequence right-padded; transformers instead numbers positions from column 0). Each sequence's real tokens
+must be one contiguous run; MLM targets on padding are refused (with `check_inputs`).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from bertfast import ops, reference
-
-PRESETS = {  # name: (num_hidden_layers, hidden_size); heads = hidden / 64, intermediate = 4 * hidden
-    "tiny": (2, 128),
-    "mini": (4, 256),
-    "small": (4, 512),
-    "medium": (8, 512),
-    "base": (12, 768),
-    "large": (24, 1024),
-}
-
-
-@dataclass
-class BertConfig:
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    max_len: int = 512  # number of position embeddings: the longest sequence the model takes
-    type_vocab_size: int = 2
-    dropout: float = 0.1  # hidden dropout (embeddings, after each sub-layer)
-    attention_dropout: float = 0.1  # dropout on the attention probabilities
-    layer_norm_eps: float = 1e-12
-    pad_token_idx: int = 0
-
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_len", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BertConfig.{name}={value!r}: must be a positive integer")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"BertConfig.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}: choose heads that divide the hidden size (BERT uses hidden / 64)")
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"BertConfig.{name}={value!r}: must be in [0, 1)")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"BertConfig.layer_norm_eps={self.layer_norm_eps!r}: must be > 0")
-        if not 0 <= self.pad_token_idx < self.vocab_size:
-            raise ValueError(f"BertConfig.pad_token_idx={self.pad_token_idx} must be in [0, vocab_size="
-                             f"{self.vocab_size})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "BertConfig":
-        """tiny 2x128, mini 4x256, small 4x512, medium 8x512, base 12x768, large 24x1024 (layers x hidden)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-        layers, hidden = PRESETS[name]
-        fields = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                      intermediate_size=4 * hidden)
-        fields.update(overrides)
-        return cls(**fields)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown BertConfig fields {sorted(unknown)}")
-        return cls(**d)
+from bertfast import hf, ops, padding, reference
+from bertfast.config import PRESETS, BertConfig  # noqa: F401  (PRESETS: re-exported for the trainer and CLI)
 
 
 class PreTrainingOutput:
@@ -123,14 +59,57 @@ class PreTrainingOutput:
         return 3
 
 
+class SequenceClassifierOutput:
+    """loss (None without labels) and logits [batch, num_labels]; unpacks as (loss, logits)."""
+
+    __slots__ = ("loss", "logits")
+
+    def __init__(self, loss, logits):
+        self.loss = loss
+        self.logits = logits
+
+    def __iter__(self):
+        return iter((self.loss, self.logits))
+
+    def __getitem__(self, i):
+        return (self.loss, self.logits)[i]
+
+    def __len__(self):
+        return 2
+
+
 class LayerNorm(nn.Module):
-    """Holds LayerNorm's parameters; the computation is ops.layer_norm (fused with bias, dropout, residual)."""
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, computed by ops.layer_norm (one fused kernel)."""
 
     def __init__(self, hidden: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden))
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.eps = eps
+
+    def forward(self, x, residual=None, *, x_bias=None, dropout_p: float = 0.0, impl: str = "auto"):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual, x_bias=x_bias, dropout_p=dropout_p,
+                              impl=impl)
+
+
+def _fused(op: str, impl: str, device) -> bool:
+    return ops.resolve_impl(op, impl, device) != "torch"
+
+
+def _dense_gelu(x, dense: nn.Linear, impl: str):
+    """GELU(dense(x)): the bias add fused into the GELU kernel when one runs."""
+    if _fused("bias_gelu", impl, x.device):
+        return ops.bias_gelu(F.linear(x, dense.weight), dense.bias, impl=impl)
+    return ops.bias_gelu(F.linear(x, dense.weight, dense.bias), None, impl=impl)
+
+
+def _dense_layer_norm(x, dense: nn.Linear, norm: LayerNorm, residual, dropout_p: float, impl: str):
+    """LayerNorm(dropout(dense(x)) + residual): bias, dropout and residual fused into the LayerNorm kernel."""
+    if _fused("layer_norm", impl, x.device):
+        a = F.linear(x, dense.weight)
+        return norm(a, residual.to(a.dtype), x_bias=dense.bias, dropout_p=dropout_p, impl=impl)
+    a = F.linear(x, dense.weight, dense.bias)
+    return norm(a, residual.to(a.dtype), dropout_p=dropout_p, impl=impl)
 
 
 class BertLayer(nn.Module):
@@ -158,35 +137,36 @@ class BertLayer(nn.Module):
         return _dense_layer_norm(f, self.ffn_out, self.ffn_norm, h, dropout_p, impl("layer_norm"))
 
 
-def _fused(op: str, impl: str, device) -> bool:
-    return ops.resolve_impl(op, impl, device) != "torch"
+@dataclass
+class EncoderOutput:
+    """The last layer's hidden states in the layout they were computed in, and the pooled [CLS] vectors."""
+
+    hidden: torch.Tensor  # padded [B, S, H], or unpadded [T, H] when layout is not None
+    pooled: torch.Tensor  # [B, H]: tanh(pooler(first real token)); the pooler of a zero vector when empty
+    layout: padding.VarlenLayout | None
+
+    def rows(self) -> torch.Tensor:
+        """The hidden states as one sequence of rows [1, B * S or T, H] (what ops.mlm_gather takes)."""
+        return self.hidden.reshape(1, -1, self.hidden.shape[-1])
+
+    def row_index(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat padded-layout positions (b * seqlen + column, -1 unused) -> indices into rows(), [1, N]."""
+        return (flat if self.layout is None else self.layout.unpadded_rows(flat)).view(1, -1)
+
+    def padded(self) -> torch.Tensor:
+        """[B, S, H], zeros at padding in the unpadded layout."""
+        return self.hidden if self.layout is None else self.layout.pad(self.hidden)
 
 
-def _dense_gelu(x, dense: nn.Linear, impl: str):
-    """GELU(dense(x)): the bias add fused into the GELU kernel when one runs."""
-    if _fused("bias_gelu", impl, x.device):
-        return ops.bias_gelu(F.linear(x, dense.weight), dense.bias, impl=impl)
-    return ops.bias_gelu(F.linear(x, dense.weight, dense.bias), None, impl=impl)
-
-
-def _dense_layer_norm(x, dense: nn.Linear, norm: LayerNorm, residual, dropout_p: float, impl: str):
-    """LayerNorm(dropout(dense(x)) + residual): bias, dropout and residual fused into the LayerNorm kernel."""
-    if _fused("layer_norm", impl, x.device):
-        a = F.linear(x, dense.weight)
-        return ops.layer_norm(a, norm.weight, norm.bias, norm.eps, residual.to(a.dtype), x_bias=dense.bias,
-                              dropout_p=dropout_p, impl=impl)
-    a = F.linear(x, dense.weight, dense.bias)
-    return ops.layer_norm(a, norm.weight, norm.bias, norm.eps, residual.to(a.dtype), dropout_p=dropout_p, impl=impl)
-
-
-class BertForPreTraining(nn.Module):
-    """BERT with its two pretraining heads. `BertForPreTraining(config)` or the notebooks' keyword form
-    `BertForPreTraining(vocab_size=..., hidden_size=..., ...)` (BertConfig's fields).
+class BertModel(nn.Module):
+    """The BERT encoder: embeddings, layers and the [CLS] pooler; the base of the models with heads. Its
+    parameter names are the top-level names of BertForPreTraining's state dict.
 
     impl: "auto" | "triton" | "ext" | "torch", or a dict {op name: impl} (missing ops use "auto"): which
     implementation each op in bertfast.ops runs with; a model-wide "triton" or "ext" applies to the ops that
     have it, the others run as with "auto". unpad: run the encoder on unpadded tokens when an
-    attention_mask is given (same numbers, less work)."""
+    attention_mask is given (same numbers, less work). `gradient_checkpointing_enable()` recomputes each layer in
+    the backward pass instead of keeping its activations (same losses and gradients, dropout included)."""
 
     def __init__(self, config: BertConfig | None = None, *, impl: str | dict = "auto", unpad: bool = True,
                  **kwargs):
@@ -198,7 +178,8 @@ class BertForPreTraining(nn.Module):
         self.config = config
         self.impl = impl
         self.unpad = unpad
-        self.check_inputs = True  # value checks on input ids need a host sync; the trainer may turn them off
+        self.check_inputs = True  # value checks on inputs need a host sync; the trainer may turn them off
+        self.gradient_checkpointing = False
         c = config
         self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_idx)
         self.position_embeddings = nn.Embedding(c.max_len, c.hidden_size)
@@ -206,11 +187,7 @@ class BertForPreTraining(nn.Module):
         self.embed_norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
-        self.mlm_dense = nn.Linear(c.hidden_size, c.hidden_size)
-        self.mlm_norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
-        self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))  # the decoder's weight is word_embeddings'
-        self.nsp = nn.Linear(c.hidden_size, 2)
-        self.apply(self._init_weights)
+        # subclasses add their heads, then call self.apply(self._init_weights) once
 
     @staticmethod
     def _init_weights(module):
@@ -230,14 +207,20 @@ class BertForPreTraining(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def gradient_checkpointing_enable(self):
+        """Recompute each encoder layer in the backward pass (activation memory of one layer instead of all)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
     def _impl(self, op: str) -> str:
         if isinstance(self.impl, dict):
             return self.impl.get(op, "auto")
         return ops.op_impl(op, self.impl)
 
     # ------------------------------------------------------------------ input checks
-    def _check(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, mlm_positions,
-               mlm_labels):
+    def _check_encoder_inputs(self, input_ids, attention_mask, token_type_ids):
         c = self.config
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
@@ -245,25 +228,16 @@ class BertForPreTraining(nn.Module):
         if input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         b, s = input_ids.shape
+        if b == 0 or s == 0:
+            raise ValueError(f"input_ids has shape {(b, s)}: a batch needs at least one sequence of at least one "
+                             f"token")
         if s > c.max_len:
             raise ValueError(f"input_ids has seqlen {s} > max_len={c.max_len} (the model's position embeddings): "
                              f"truncate the inputs or build the model with a larger max_len")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("labels", labels)):
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and tuple(t.shape) != (b, s):
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {(b, s)}: they must match")
-        if (mlm_positions is None) != (mlm_labels is None):
-            raise ValueError("mlm_positions and mlm_labels go together: give both or neither")
-        if mlm_positions is not None:
-            if labels is not None:
-                raise ValueError("give labels ([batch, seqlen]) or mlm_positions/mlm_labels ([batch, P]), not both")
-            if mlm_positions.dim() != 2 or mlm_positions.shape[0] != b or mlm_labels.shape != mlm_positions.shape:
-                raise ValueError(f"mlm_positions {tuple(mlm_positions.shape)} and mlm_labels "
-                                 f"{tuple(mlm_labels.shape)} must both be [batch={b}, P]")
-        if next_sentence_label is not None and next_sentence_label.numel() != b:
-            raise ValueError(f"next_sentence_label has {next_sentence_label.numel()} elements, expected one per "
-                             f"sequence (batch={b})")
-        if not self.check_inputs or input_ids.numel() == 0:
+        if not self.check_inputs:
             return
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= c.vocab_size:
@@ -275,90 +249,135 @@ class BertForPreTraining(nn.Module):
             if lo < 0 or hi >= c.type_vocab_size:
                 raise ValueError(f"token_type_ids holds {hi if hi >= c.type_vocab_size else lo}, outside "
                                  f"[0, type_vocab_size={c.type_vocab_size})")
+        if attention_mask is not None:
+            padding.check_mask(attention_mask)
+
+    # ------------------------------------------------------------------ the encoder
+    def embed(self, input_ids, token_type_ids, position_ids):
+        """LayerNorm(word + position + token type embeddings), then dropout; any layout ([B, S] or [T] ids)."""
+        e = self.word_embeddings(input_ids)
+        r = self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        h = self.embed_norm(e, r, impl=self._impl("layer_norm"))
+        return reference.dropout(h, self.config.dropout) if self.training and self.config.dropout > 0 else h
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, unpad: bool | None = None
+               ) -> EncoderOutput:
+        """Embeddings and every layer, in the unpadded layout when an attention_mask is given and unpad is on
+        (the model's `unpad` when None), else padded; then the pooler on each sequence's first real token."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        unpad = self.unpad if unpad is None else unpad
+        attn_p = self.config.attention_dropout if self.training else 0.0
+        if attention_mask is not None and unpad:
+            layout = padding.layout_from_mask(attention_mask)
+            h = self.embed(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.position_ids())  # [T, H]
+
+            def attend(q, k, v):
+                return ops.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn_p,
+                                            impl=self._impl("varlen_attention"))
+            cls_index = layout.first_token_index()[None]  # [1, B] rows of [1, T, H]; -1: an empty sequence
+        else:
+            layout = None
+            b, s = input_ids.shape
+            first = (torch.zeros(b, dtype=torch.int64, device=input_ids.device) if attention_mask is None
+                     else padding.first_token_columns(attention_mask))  # [B]
+            position_ids = (torch.arange(s, device=input_ids.device)[None, :] - first[:, None]).clamp(min=0)
+            h = self.embed(input_ids, token_type_ids, position_ids)  # [B, S, H]
+            mask = attention_mask.bool() if attention_mask is not None else None
+
+            def attend(q, k, v):
+                return ops.attention(q, k, v, mask, attn_p, impl=self._impl("attention"))
+            if mask is not None:
+                first = torch.where(mask.any(1), first, torch.full_like(first, -1))
+            cls_index = first[:, None]  # [B, 1] columns of [B, S, H]; -1: an empty sequence
+        h = self._layers(h, attend)
+        hidden3d = h[None] if layout is not None else h
+        cls = ops.mlm_gather(hidden3d, cls_index, impl=self._impl("mlm_gather"))  # [B, H], zeros when empty
+        return EncoderOutput(h, torch.tanh(self.pooler(cls)), layout)
+
+    def _layers(self, h, attend):
+        dropout_p = self.config.dropout if self.training else 0.0
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # the recomputation replays torch's RNG state (preserve_rng_state), so dropout masks match
+                h = checkpoint(layer, h, attend, dropout_p, self._impl, use_reentrant=False)
+            else:
+                h = layer(h, attend, dropout_p, self._impl)
+        return h
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, unpad: bool | None = None):
+        """(sequence_output [B, S, H] with zeros at padding, pooled_output [B, H]), as transformers' BertModel."""
+        self._check_encoder_inputs(input_ids, attention_mask, token_type_ids)
+        enc = self.encode(input_ids, attention_mask, token_type_ids, unpad)
+        return enc.padded(), enc.pooled
+
+
+class BertForPreTraining(BertModel):
+    """BERT with its two pretraining heads. `BertForPreTraining(config)` or the notebooks' keyword form
+    `BertForPreTraining(vocab_size=..., hidden_size=..., ...)` (BertConfig's fields). impl, unpad and gradient
+    checkpointing: see BertModel."""
+
+    hf_class_name = "BertForPreTraining"
+
+    def __init__(self, config: BertConfig | None = None, *, impl: str | dict = "auto", unpad: bool = True,
+                 **kwargs):
+        super().__init__(config, impl=impl, unpad=unpad, **kwargs)
+        c = self.config
+        self.mlm_dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.mlm_norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))  # the decoder's weight is word_embeddings'
+        self.nsp = nn.Linear(c.hidden_size, 2)
+        self.apply(self._init_weights)
+
+    def _check(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, mlm_positions,
+               mlm_labels):
+        self._check_encoder_inputs(input_ids, attention_mask, token_type_ids)
+        b, s = input_ids.shape
+        if labels is not None and tuple(labels.shape) != (b, s):
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {(b, s)}: they must match")
+        if (mlm_positions is None) != (mlm_labels is None):
+            raise ValueError("mlm_positions and mlm_labels go together: give both or neither")
+        if mlm_positions is not None:
+            if labels is not None:
+                raise ValueError("give labels ([batch, seqlen]) or mlm_positions/mlm_labels ([batch, P]), not both")
+            if mlm_positions.dim() != 2 or mlm_positions.shape[0] != b or mlm_labels.shape != mlm_positions.shape:
+                raise ValueError(f"mlm_positions {tuple(mlm_positions.shape)} and mlm_labels "
+                                 f"{tuple(mlm_labels.shape)} must both be [batch={b}, P]")
+        if next_sentence_label is not None and next_sentence_label.numel() != b:
+            raise ValueError(f"next_sentence_label has {next_sentence_label.numel()} elements, expected one per "
+                             f"sequence (batch={b})")
+        if not self.check_inputs:
+            return
         if mlm_positions is not None and mlm_positions.numel():
             lo, hi = int(mlm_positions.min()), int(mlm_positions.max())
             if lo < -1 or hi >= s:
                 raise ValueError(f"mlm_positions holds {hi if hi >= s else lo}, outside [-1, seqlen={s})")
-
-    # ------------------------------------------------------------------ forward
-    def embed(self, input_ids, token_type_ids, position_ids):
-        e = self.word_embeddings(input_ids)
-        r = self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
-        h = ops.layer_norm(e, self.embed_norm.weight, self.embed_norm.bias, self.embed_norm.eps, r,
-                           impl=self._impl("layer_norm"))
-        return reference.dropout(h, self.config.dropout) if self.training and self.config.dropout > 0 else h
+            if attention_mask is not None:
+                on_pad = (mlm_positions >= 0) & ~attention_mask.bool().gather(1, mlm_positions.clamp(min=0))
+                if bool(on_pad.any()):
+                    i, j = on_pad.nonzero()[0].tolist()
+                    raise ValueError(f"mlm_positions[{i}, {j}] = {int(mlm_positions[i, j])} points at padding "
+                                     f"(attention_mask is 0 there): MLM targets must be real tokens")
+        if labels is not None and attention_mask is not None:
+            on_pad = (labels != -100) & ~attention_mask.bool()
+            if bool(on_pad.any()):
+                i, j = on_pad.nonzero()[0].tolist()
+                raise ValueError(f"labels[{i}, {j}] = {int(labels[i, j])} is a target on padding (attention_mask is "
+                                 f"0 there): use -100 at padding")
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
                 mlm_positions=None, mlm_labels=None, unpad: bool | None = None) -> PreTrainingOutput:
         self._check(input_ids, attention_mask, token_type_ids, labels, next_sentence_label, mlm_positions,
                     mlm_labels)
-        b, s = input_ids.shape
-        dev = input_ids.device
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        unpad = self.unpad if unpad is None else unpad
-        c = self.config
-        hidden_p = c.dropout if self.training else 0.0
-        attn_p = c.attention_dropout if self.training else 0.0
+        enc = self.encode(input_ids, attention_mask, token_type_ids, unpad)
+        seq_relationship_score = self.nsp(enc.pooled)  # [B, 2]
 
-        if attention_mask is not None and unpad:
-            keep = attention_mask.reshape(-1).bool()
-            rows = keep.nonzero().squeeze(1)  # [T]: padded-layout row of each real token, sequence by sequence
-            seqlens = attention_mask.bool().sum(1, dtype=torch.int32)  # [B]
-            cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
-            max_seqlen = int(seqlens.max()) if b else 0  # the host sync
-            positions = rows % s
-            h = self.embed(input_ids.reshape(-1)[rows], token_type_ids.reshape(-1)[rows], positions)  # [T, H]
-            attend = lambda q, k, v: ops.varlen_attention(  # noqa: E731
-                q, k, v, cu_seqlens, max_seqlen, attn_p, impl=self._impl("varlen_attention"))
-            for layer in self.layers:
-                h = layer(h, attend, hidden_p, self._impl)
-            # packed row of each padded-layout position (-1 for padding): maps positions to rows of h
-            packed = torch.full((b * s,), -1, dtype=torch.int64, device=dev)
-            packed[rows] = torch.arange(rows.numel(), device=dev)
-            # [CLS] is each sequence's first real token; an empty sequence pools a zero vector
-            first = cu_seqlens[:-1].to(torch.int64).where(seqlens > 0, torch.full_like(seqlens, -1, dtype=torch.int64))
-            cls = ops.mlm_gather(h[None], first[None], impl=self._impl("mlm_gather"))  # [B, H]
-            hidden3d = h[None]  # [1, T, H]
-
-            def to_rows(flat):  # flat padded-layout indices (-1 unused) -> [1, n] rows of hidden3d
-                return torch.where(flat >= 0, packed[flat.clamp(min=0)], flat).view(1, -1)
-
-            def full_sequence(x):  # [T, H] -> [B, S, H], zeros at padding
-                return x.new_zeros(b * s, x.shape[-1]).index_copy(0, rows, x).view(b, s, -1)
-        else:
-            position_ids = torch.arange(s, device=dev).expand(b, s)
-            h = self.embed(input_ids, token_type_ids, position_ids)  # [B, S, H]
-            mask = attention_mask.bool() if attention_mask is not None else None
-            attend = lambda q, k, v: ops.attention(  # noqa: E731
-                q, k, v, mask, attn_p, impl=self._impl("attention"))
-            for layer in self.layers:
-                h = layer(h, attend, hidden_p, self._impl)
-            cls = h[:, 0]  # [B, H]
-            hidden3d = h.reshape(1, b * s, -1)
-
-            def to_rows(flat):
-                return flat.view(1, -1)
-
-            def full_sequence(x):
-                return x
-
-        pooled = torch.tanh(self.pooler(cls))
-        seq_relationship_score = self.nsp(pooled)  # [B, 2]
-
-        mlm_targets = None
-        if mlm_positions is not None:
-            offsets = torch.arange(b, device=dev)[:, None] * s
-            flat = torch.where(mlm_positions >= 0, mlm_positions + offsets, mlm_positions).reshape(-1)  # [B * P]
-            mlm_targets = mlm_labels.reshape(-1)
-        elif labels is not None:
-            flat = (labels.reshape(-1) != -100).nonzero().squeeze(1)  # [num_predicted]
-            mlm_targets = labels.reshape(-1)[flat]
+        flat, mlm_targets = _mlm_targets(input_ids.shape, labels, mlm_positions, mlm_labels)
         if mlm_targets is not None:
-            g = ops.mlm_gather(hidden3d, to_rows(flat), impl=self._impl("mlm_gather"))  # [N, H]
+            g = ops.mlm_gather(enc.rows(), enc.row_index(flat), impl=self._impl("mlm_gather"))  # [N, H]
             prediction_scores = self.mlm_logits(g)  # [N, V]
         else:
-            prediction_scores = self.mlm_logits(full_sequence(h))  # [B, S, V]
+            prediction_scores = self.mlm_logits(enc.padded())  # [B, S, V]
 
         mlm_loss = nsp_loss = None
         if mlm_targets is not None:
@@ -374,21 +393,137 @@ class BertForPreTraining(nn.Module):
     def mlm_logits(self, h):
         """The MLM head: dense + GELU + LayerNorm, then the decoder tied to the word embeddings."""
         t = ops.bias_gelu(F.linear(h, self.mlm_dense.weight), self.mlm_dense.bias, impl=self._impl("bias_gelu"))
-        t = ops.layer_norm(t, self.mlm_norm.weight, self.mlm_norm.bias, self.mlm_norm.eps,
-                           impl=self._impl("layer_norm"))
+        t = self.mlm_norm(t, impl=self._impl("layer_norm"))
         return F.linear(t, self.word_embeddings.weight, self.mlm_bias)
 
     # ------------------------------------------------------------------ Hugging Face weights
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers.BertForPreTraining's names (loads with strict=True)."""
-        from bertfast.hf import to_hf_state_dict
-
-        return to_hf_state_dict(self)
+        return hf.to_hf_state_dict(self)
 
     @classmethod
     def from_hf(cls, hf_model_or_state_dict, config: BertConfig | None = None, **kwargs) -> "BertForPreTraining":
         """A model with the weights of a transformers BertForPreTraining (a model, or its state dict)."""
-        from bertfast.hf import from_hf
+        return hf.from_hf(cls, hf_model_or_state_dict, config, **kwargs)
 
-        return from_hf(cls, hf_model_or_state_dict, config, **kwargs)
 
+def _mlm_targets(shape, labels, mlm_positions, mlm_labels):
+    """(flat padded-layout positions [N] (-1 unused), their targets [N]) of the MLM predictions, or (None, None).
+    The static form keeps one slot per position (no host sync); the labels form keeps the labelled positions."""
+    b, s = shape
+    if mlm_positions is not None:
+        offsets = torch.arange(b, device=mlm_positions.device)[:, None] * s
+        flat = torch.where(mlm_positions >= 0, mlm_positions + offsets, mlm_positions).reshape(-1)  # [B * P]
+        return flat, mlm_labels.reshape(-1)
+    if labels is not None:
+        flat = (labels.reshape(-1) != -100).nonzero().squeeze(1)  # [num_predicted]
+        return flat, labels.reshape(-1)[flat]
+    return None, None
+
+
+PROBLEM_TYPES = ("single_label_classification", "regression")
+
+
+class BertForSequenceClassification(BertModel):
+    """BERT with a classification (or regression) head on the pooled [CLS] vector: dropout + Linear, as
+    transformers' BertForSequenceClassification. The same encoder and kernels as BertForPreTraining (unpadded when
+    an attention_mask is given).
+
+    problem_type: "single_label_classification" (labels: class ids [batch], -100 ignored; cross-entropy) or
+    "regression" (labels: floats [batch] or [batch, num_labels]; mean squared error); None: regression when
+    num_labels == 1, else single-label classification."""
+
+    hf_class_name = "BertForSequenceClassification"
+
+    def __init__(self, config: BertConfig | None = None, num_labels: int = 2, problem_type: str | None = None, *,
+                 impl: str | dict = "auto", unpad: bool = True, **kwargs):
+        super().__init__(config, impl=impl, unpad=unpad, **kwargs)
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+            raise ValueError(f"num_labels={num_labels!r}: must be a positive integer")
+        if problem_type is None:
+            problem_type = "regression" if num_labels == 1 else "single_label_classification"
+        if problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type={problem_type!r}: choose one of {PROBLEM_TYPES} (or None)")
+        if problem_type == "single_label_classification" and num_labels < 2:
+            raise ValueError("single_label_classification needs num_labels >= 2 (num_labels=1 is regression)")
+        self.num_labels = num_labels
+        self.problem_type = problem_type
+        self.classifier = nn.Linear(self.config.hidden_size, num_labels)
+        self.apply(self._init_weights)
+
+    def _check_labels(self, labels, b: int):
+        if self.problem_type == "regression":
+            if not labels.dtype.is_floating_point:
+                raise ValueError(f"labels must be floats for regression, got dtype {labels.dtype}")
+            if labels.numel() != b * self.num_labels:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}: regression with num_labels="
+                                 f"{self.num_labels} needs {b * self.num_labels} values for batch={b}")
+            return
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class ids for classification, got dtype {labels.dtype}")
+        if labels.numel() != b:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}: expected one class id per sequence "
+                             f"(batch={b})")
+        if self.check_inputs:
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.num_labels))
+            if bool(bad.any()):
+                raise ValueError(f"labels holds {int(labels[bad][0])}, outside [0, num_labels={self.num_labels}) "
+                                 f"(-100 = ignored)")
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                unpad: bool | None = None) -> SequenceClassifierOutput:
+        self._check_encoder_inputs(input_ids, attention_mask, token_type_ids)
+        if labels is not None:
+            self._check_labels(labels, input_ids.shape[0])
+        pooled = self.encode(input_ids, attention_mask, token_type_ids, unpad).pooled  # [B, H]
+        if self.training and self.config.dropout > 0:
+            pooled = reference.dropout(pooled, self.config.dropout)
+        logits = self.classifier(pooled)  # [B, num_labels]
+        loss = None
+        if labels is not None and self.problem_type == "regression":
+            loss = F.mse_loss(logits.reshape(-1).float(), labels.reshape(-1).float())
+        elif labels is not None:
+            loss = ops.softmax_cross_entropy(logits, labels.reshape(-1), impl=self._impl("softmax_cross_entropy"))
+        return SequenceClassifierOutput(loss, logits)
+
+    # ------------------------------------------------------------------ weights from elsewhere
+    @classmethod
+    def from_pretraining(cls, model_or_state_dict, num_labels: int = 2, problem_type: str | None = None,
+                         config: BertConfig | None = None, **kwargs) -> "BertForSequenceClassification":
+        """The encoder (embeddings, layers, pooler) of a bertfast BertForPreTraining (the model, or its state
+        dict with a `config=`) and a freshly initialised classifier; the pretraining heads are dropped."""
+        src = model_or_state_dict
+        if isinstance(src, BertModel):
+            config = config or src.config
+            sd = src.state_dict()
+        elif isinstance(src, dict):
+            if config is None:
+                raise ValueError("from_pretraining(state_dict) needs config= (the BertConfig it was trained with)")
+            sd = src
+        else:
+            raise TypeError(f"from_pretraining takes a bertfast BertForPreTraining or its state dict, got "
+                            f"{type(src).__name__}")
+        model = cls(config, num_labels, problem_type, **kwargs)
+        encoder = [k for k in model.state_dict() if not k.startswith("classifier.")]
+        missing = [k for k in encoder if k not in sd]
+        if missing:
+            raise ValueError(f"not a bertfast BertForPreTraining state dict: missing {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        model.load_state_dict({k: sd[k] for k in encoder}, strict=False)
+        return model
+
+    @classmethod
+    def from_hf(cls, hf_model_or_state_dict, config: BertConfig | None = None, num_labels: int | None = None,
+                problem_type: str | None = None, **kwargs) -> "BertForSequenceClassification":
+        """A classifier with the weights of a transformers BertForSequenceClassification, BertModel,
+        BertForMaskedLM or BertForPreTraining (a model or its state dict). Weights it lacks (the classifier, the
+        pooler of a BertForMaskedLM) are freshly initialised and listed in `model.fresh_parameters`; pretraining
+        heads are ignored. num_labels: from the classifier's weights when present, else 2."""
+        if isinstance(hf_model_or_state_dict, BertModel):  # a bertfast model: its encoder
+            return cls.from_pretraining(hf_model_or_state_dict, 2 if num_labels is None else num_labels,
+                                        problem_type, config, **kwargs)
+        return hf.classifier_from_hf(cls, hf_model_or_state_dict, config, num_labels, problem_type, **kwargs)
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers.BertForSequenceClassification's names (loads with strict=True)."""
+        return hf.to_hf_state_dict(self)

@@ -69,18 +69,13 @@ def unpad_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> torch.
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None):
     """Attention on unpadded tokens q, k, v [T, H, D]; sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1].
 
-    The reference pads into [batch, max_seqlen] and calls `attention`."""
-    t, h, d = q.shape
-    batch = cu_seqlens.numel() - 1
-    idx = unpad_index(cu_seqlens, max_seqlen, t)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    mask = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]  # [B, S]
+    The reference pads into [batch, max_seqlen] (bertfast.padding) and calls `attention`."""
+    from bertfast import padding  # (the file above this function is the ops' pure reference; padding is a leaf)
 
-    def pad(x):
-        return x.new_zeros(batch * max_seqlen, h, d).index_copy(0, idx, x).view(batch, max_seqlen, h, d)
-
-    out = attention(pad(q), pad(k), pad(v), mask, dropout_p, softmax_scale)
-    return out.reshape(batch * max_seqlen, h, d).index_select(0, idx)
+    layout = padding.layout_from_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    mask = torch.arange(max_seqlen, device=q.device)[None, :] < layout.seqlens[:, None]  # [B, S]
+    out = attention(layout.pad(q), layout.pad(k), layout.pad(v), mask, dropout_p, softmax_scale)
+    return layout.unpad(out)
 
 
 def mlm_gather(hidden, positions):
