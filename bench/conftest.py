@@ -2,9 +2,12 @@
 
 Without --benchmark every benchmark body runs once (pytest-benchmark disabled) as a smoke check. With it,
 pytest-benchmark times each one, and at the end of the session every recorded figure is written to
-bench/results/<date>_<device>.json and bench/RESULTS.md plus the plot are regenerated (bench/report.py).
+bench/results/<date>_<device>.json, with each row's spread over its rounds and the machine's load average before
+and after the session, and bench/RESULTS.md plus the plots are regenerated (bench/_report.py). Tracked docs are
+never edited: the README's table changes only through `python bench/_report.py --update-readme RUN.json`.
 """
 import glob
+import json
 import os
 
 if "TRITON_INTERPRET" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
@@ -27,6 +30,7 @@ def pytest_configure(config):
     if not config.getoption("--benchmark"):
         config.option.benchmark_disable = True
     config._bertfast_rows = []
+    config._bertfast_load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
 @pytest.fixture(autouse=True)
@@ -39,15 +43,35 @@ def _seed():
 def record(request):
     """record(op=..., mode=..., provider=..., shape=..., dtype=..., seconds=..., bytes=..., flops=..., ...)
 
-    Stores one figure of this run. `seconds` is None when timing is off (then nothing is written)."""
+    Stores one figure of this run. `seconds` is None when timing is off (then nothing is written). When the test
+    timed with pytest-benchmark (bench/_harness.measure) and gives no spread itself, the rounds' min, quartiles,
+    max and count are added (min_s, q1_s, q3_s, max_s, rounds), scaled like `seconds`."""
     rows = request.config._bertfast_rows
 
     def _record(**row):
         row.setdefault("test", request.node.nodeid)
+        if row.get("seconds") and "q1_s" not in row:
+            row.update(_spread(request.node.funcargs.get("benchmark"), row["seconds"]))
         rows.append(row)
         return row
 
     return _record
+
+
+def _spread(benchmark, seconds) -> dict:
+    """The rounds' spread from pytest-benchmark's statistics, in the units of `seconds`.
+
+    measure() reports the median divided by its `inner` calls per round; the same factor applies to the other
+    statistics. Nothing when the row's seconds are not that median (a figure the test computed otherwise)."""
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is None or not stats.median:
+        return {}
+    inner = stats.median / seconds
+    if round(inner) < 1 or abs(inner - round(inner)) > 1e-6 * inner:
+        return {}
+    k = 1.0 / round(inner)
+    return {"min_s": stats.min * k, "q1_s": stats.q1 * k, "q3_s": stats.q3 * k, "max_s": stats.max * k,
+            "rounds": stats.rounds}
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -57,6 +81,12 @@ def pytest_sessionfinish(session, exitstatus):
         return
     import _report  # bench/_report.py, importable because pytest puts bench/ on sys.path
 
-    path = _report.save_run(rows)
+    before = getattr(config, "_bertfast_load_before", None)
+    path = _report.save_run(rows, load_before=[round(x, 2) for x in before] if before else None)
     _report.regenerate()
-    print(f"\nbertfast: wrote {path} and regenerated bench/RESULTS.md")
+    with open(path) as f:
+        env = json.load(f)["env"]
+    print(f"\nbertfast: wrote {path} and regenerated bench/RESULTS.md"
+          + (f" (NOISY run: {env['noisy_why']})" if env.get("noisy") else "")
+          + f"; the README is unchanged: `python bench/_report.py --update-readme {os.path.relpath(path)}` "
+          "puts this run's table there")
