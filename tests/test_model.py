@@ -218,8 +218,82 @@ class TestErrors:
         with pytest.raises(ValueError, match="one per sequence"):
             self.model()(ids, next_sentence_label=torch.zeros(3, dtype=torch.long))
 
+    def test_empty_batch(self):
+        for shape in ((0, 5), (2, 0)):
+            with pytest.raises(ValueError, match=r"a batch needs at least one sequence of at least one token"):
+                self.model()(torch.zeros(shape, dtype=torch.long))
+
+    def test_targets_on_padding(self):
+        ids = torch.ones(2, 5, dtype=torch.long)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+        ok = torch.tensor([[1, 2], [1, -1]])
+        self.model()(ids, mask, mlm_positions=ok, mlm_labels=torch.ones_like(ok))
+        with pytest.raises(ValueError, match=r"mlm_positions\[1, 0\] = 0 points at padding"):
+            self.model()(ids, mask, mlm_positions=torch.tensor([[1, 2], [0, -1]]), mlm_labels=torch.ones(2, 2).long())
+        labels = torch.full((2, 5), -100)
+        labels[0, 4] = 3
+        with pytest.raises(ValueError, match=r"labels\[0, 4\] = 3 is a target on padding"):
+            self.model()(ids, mask, labels=labels)
+
+    def test_mask_with_holes(self):
+        ids = torch.ones(2, 5, dtype=torch.long)
+        with pytest.raises(ValueError, match="attention_mask row 0 has padding between real tokens"):
+            self.model()(ids, torch.tensor([[1, 0, 1, 1, 0], [1, 1, 1, 1, 1]]))
+        with pytest.raises(ValueError, match="attention_mask must hold only 0"):
+            self.model()(ids, torch.full((2, 5), 2))
+
     def test_bad_impl(self):
         with pytest.raises(ValueError, match="impl='cuda' is not one of"):
             bertfast.ops.layer_norm(torch.zeros(2, 4), torch.ones(4), torch.zeros(4), impl="cuda")
         with pytest.raises(ValueError, match="impl='ext' has no layer_norm"):
             bertfast.ops.layer_norm(torch.zeros(2, 4), torch.ones(4), torch.zeros(4), impl="ext")
+
+
+def _left_padded(ids, mask, types, labels):
+    """The same sequences with their padding moved to the left (each row rolled by its padding count)."""
+    out = []
+    for t in (ids, mask, types, labels):
+        rows = [torch.roll(t[i], int((mask[i] == 0).sum())) for i in range(t.shape[0])]
+        out.append(torch.stack(rows))
+    return out
+
+
+def test_left_padding_equals_right_padding_in_both_layouts():
+    """Positions count from the first real token and [CLS] is the first real token, in both layouts: a left-padded
+    batch gives the losses, scores and gradients of the same batch right-padded (they used to differ between the
+    padded and unpadded layouts)."""
+    cfg = BertConfig(**CONFIGS[0], dropout=0.0, attention_dropout=0.0)
+    model = BertForPreTraining(cfg, impl="torch")
+    right = _batch(cfg, 4, 15, seed=11)
+    ids, mask, types, labels, nsp = right
+    assert (mask == 0).any()
+    left = _left_padded(ids, mask, types, labels) + [nsp]
+    results = []
+    for batch in (right, left):
+        for unpad in (True, False):
+            model.zero_grad()
+            i, m, t, lab, n = batch
+            out = model(i, m, t, labels=lab, next_sentence_label=n, unpad=unpad)
+            out.loss.backward()
+            results.append((out.loss.detach(), out.prediction_scores.detach(), out.seq_relationship_score.detach(),
+                            {k: p.grad.clone() for k, p in model.named_parameters()}))
+    ref = results[0]
+    for res in results[1:]:
+        torch.testing.assert_close(res[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res[1], ref[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res[2], ref[2], rtol=1e-5, atol=1e-5)
+        for k in ref[3]:
+            torch.testing.assert_close(res[3][k], ref[3][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_empty_sequence_pools_the_same_in_both_layouts(unpad):
+    cfg = BertConfig(**CONFIGS[0], dropout=0.0, attention_dropout=0.0)
+    model = BertForPreTraining(cfg, impl="torch").eval()
+    ids, mask, types, _, _ = _batch(cfg, 3, 9, seed=4)
+    mask[2] = 0
+    with torch.no_grad():
+        a = model(ids, mask, types, unpad=unpad).seq_relationship_score
+        b = model(ids, mask, types, unpad=not unpad).seq_relationship_score
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a[2], model.nsp(torch.tanh(model.pooler.bias)).detach())  # pooled from zeros
