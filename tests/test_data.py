@@ -388,7 +388,7 @@ def test_bad_inputs_say_what_failed_and_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"blank\.jsonl.*no text"):
         load_data(str(tmp_path / "blank.jsonl"), **kw)
     (tmp_path / "notext.jsonl").write_text('{"body": "hello there."}\n')
-    with pytest.raises(DataError, match=r"no `text` column"):
+    with pytest.raises(DataError, match=r"notext\.jsonl.*no text column 'text'.*--text-column"):
         load_data(str(tmp_path / "notext.jsonl"), **kw)
     (tmp_path / "one.txt").write_text("Only one document. With two sentences.\n")
     with pytest.raises(DataError, match=r"at least 2"):

@@ -1,19 +1,20 @@
 """bertfast.data: corpora -> WordPiece tokens -> NSP sentence pairs -> dynamically masked batches.
 
 Public API (see docs/data.md): ``load_data``, ``mask_tokens``, ``Batch``, ``PretrainingCollator``,
-``PretrainingLoader``, ``DataError``, ``split_sentences``. Importing this package does not import ``datasets``
+``PretrainingLoader``, ``DataError``, ``split_sentences``, ``check_sources``. Importing this package does not import ``datasets``
 (the GPU machines lack it); only ``load_data`` needs it.
 """
 
 from .batch import Batch, PretrainingCollator, sample_seed
-from .errors import DataError
+from .errors import DataError, DataNotFoundError
 from .loader import PretrainingLoader, load_data
 from .masking import default_max_predictions, mask_tokens
 from .sentences import split_sentences
+from .sources import check_sources
 
 DataCollator = PretrainingCollator  # short alias
 
 __all__ = [
-    "Batch", "DataCollator", "DataError", "PretrainingCollator", "PretrainingLoader", "default_max_predictions",
+    "Batch", "DataCollator", "DataError", "DataNotFoundError", "PretrainingCollator", "PretrainingLoader", "check_sources", "default_max_predictions",
     "load_data", "mask_tokens", "sample_seed", "split_sentences",
 ]

@@ -14,3 +14,7 @@ class DataError(ValueError):
     def __init__(self, asked: str, failed: str, todo: str = OFFLINE_HINT):
         self.asked, self.failed, self.todo = asked, failed, todo
         super().__init__(f"{asked}: {failed}. {todo}")
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data source that names nothing: no such file, folder or known dataset, or a glob that matches no file."""

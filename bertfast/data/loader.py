@@ -185,14 +185,18 @@ def load_data(
     drop_last: bool | None = None,
     pin_memory: bool = False,
     hub_overrides: dict | None = None,
-    sentences_per_doc: int = 64,
+    sentences_per_doc: int | None = None,
     builtin_docs: int = 1200,
+    text_column: str = "text",
+    doc_column: str | None = None,
 ):
     """Build the pretraining data; returns ``(tokenizer, loader)``.
 
-    name: ``"builtin"`` (offline default), ``"bookcorpus"``, ``"wikipedia"``, a local file / folder / glob
-        (.txt with blank-line-separated documents, .jsonl / .parquet with a ``text`` column), or several
-        ``"NAME[:RATIO]"`` specs (a list, or one string separated by spaces): ``"bookcorpus:0.1 wikipedia:1/41"``.
+    name: ``"builtin"`` (offline default), ``"bookcorpus"``, ``"wikipedia"`` (English) or
+        ``"wikipedia:20231101.de"`` (another language), ``"hub:ORG/NAME[:CONFIG][@REVISION]"`` (any hub dataset),
+        a local file / folder / glob (.txt with blank-line-separated documents, .jsonl / .parquet with a text
+        column), or several ``"NAME[:RATIO]"`` specs (a list, or one string separated by spaces):
+        ``"bookcorpus:0.1 wikipedia:1/41"``. :func:`check_sources` runs first (cheap checks, no reading).
     loading_ratio: fraction of each source's train split to use (a prefix), unless its spec gives one.
     tokenizer: a ``BertTokenizerFast`` or a hub name / local folder to load one from. None: train an uncased
         WordPiece vocabulary of ``vocab_size`` on the corpus, saved in ``output_dir/tokenizer`` (or a cache folder
@@ -205,16 +209,22 @@ def load_data(
     hub_overrides: ``{"bookcorpus": {"path": ..., "name": ..., "data_files": ...}}`` replaces a hub id / config.
     dupe_factor: how many times pairs are built from each document with different random choices (BERT: 10).
     builtin_docs: documents in the built-in corpus.
+    text_column: the column holding the text in hub datasets and .jsonl / .parquet files.
+    doc_column: rows sharing this column's value (consecutive rows) form one document, in row order; None: one
+        document per row (bookcorpus: ``sentences_per_doc`` rows).
+    sentences_per_doc: N consecutive rows form one document, each row one sentence (.txt files are then read one
+        row per line). None: 64 for bookcorpus, one document per row elsewhere.
     """
     from .pairs import build_pairs, tokenize_documents
-    from .sources import load_documents, parse_sources
+    from .sources import check_sources, load_documents
 
     if max_len < 8:
         raise ValueError(f"max_len={max_len} is too short for [CLS] A [SEP] B [SEP]")
-    specs = parse_sources(name, loading_ratio)
+    specs = check_sources(name, loading_ratio, hub_overrides=hub_overrides, cache_dir=cache_dir,
+                          text_column=text_column, doc_column=doc_column, sentences_per_doc=sentences_per_doc)
     docs, docs_key = load_documents(specs, streaming=streaming, cache_dir=cache_dir, num_proc=num_proc,
                                     hub_overrides=hub_overrides, sentences_per_doc=sentences_per_doc,
-                                    builtin_docs=builtin_docs)
+                                    builtin_docs=builtin_docs, text_column=text_column, doc_column=doc_column)
     tok = _get_tokenizer(tokenizer, docs, docs_key, vocab_size, output_dir, cache_dir)
     tokens, tokens_key = tokenize_documents(docs, tok, docs_key, cache_dir=cache_dir, num_proc=num_proc)
     what = f"load_data({name!r}, loading_ratio={loading_ratio})"

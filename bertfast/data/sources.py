@@ -8,6 +8,7 @@ bertfast.data`` must work on machines without it.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import logging
 import math
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from . import builtin_corpus
-from .errors import OFFLINE_HINT, DataError
+from .errors import OFFLINE_HINT, DataError, DataNotFoundError
 from .sentences import split_sentences
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,33 @@ HUB_SOURCES = {
     "bookcorpus": dict(path="bookcorpus/bookcorpus", name=None, rows="sentences"),
     "wikipedia": dict(path="wikimedia/wikipedia", name="20231101.en", rows="documents"),
 }
+BOOKCORPUS_SENTENCES_PER_DOC = 64  # the hub bookcorpus has no book boundary: this many rows make a document
 # Train-split sizes published on the hub cards, used to turn a streaming loading_ratio into a row count.
 KNOWN_TRAIN_ROWS = {"bookcorpus/bookcorpus": 74_004_228, ("wikimedia/wikipedia", "20231101.en"): 6_407_814}
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+PARQUET_REVISION = "refs/convert/parquet"  # the hub's automatic parquet conversion of every public dataset
+SNIFF_BYTES = 1 << 20  # check_sources reads this much of each text file for its encoding
+KNOWN_NAMES = "'builtin', 'bookcorpus', 'wikipedia[:CONFIG]', 'hub:ORG/NAME[:CONFIG][@REVISION]'"
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    name: str  # "bookcorpus", "wikipedia", "builtin" or a local path / folder / glob
+    """One data source. ``name`` is the spec as written (without its ratio); ``kind`` is builtin, hub or local.
+    Hub sources carry the dataset id (``path``), ``config``, ``revision`` and ``rows``: what one row is
+    ("documents", or "sentences" for bookcorpus, whose consecutive rows are grouped into documents)."""
+
+    name: str
     ratio: float = 1.0
+    kind: str = "local"
+    path: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    rows: str = "documents"
+
+    @property
+    def hub_label(self) -> str:
+        return (f"hub dataset {self.path!r}" + (f" config {self.config!r}" if self.config else "")
+                + (f" revision {self.revision!r}" if self.revision else ""))
 
 
 def _parse_ratio(text: str) -> float | None:
@@ -47,10 +66,32 @@ def _parse_ratio(text: str) -> float | None:
         return None
 
 
+def _spec(item: str, ratio: float) -> SourceSpec:
+    if item == "builtin":
+        return SourceSpec(item, ratio, "builtin")
+    if os.path.exists(item):
+        return SourceSpec(item, ratio, "local", path=item)
+    if item == "bookcorpus":
+        return SourceSpec(item, ratio, "hub", path=HUB_SOURCES[item]["path"], rows="sentences")
+    if item == "wikipedia" or item.startswith("wikipedia:"):
+        config = item.partition(":")[2] or HUB_SOURCES["wikipedia"]["name"]
+        return SourceSpec(item, ratio, "hub", path=HUB_SOURCES["wikipedia"]["path"], config=config, rows="articles")
+    if item.startswith("hub:"):
+        body, _, revision = item[4:].partition("@")
+        path, _, config = body.partition(":")
+        if path.count("/") > 1 or not path.strip("/") or any(c.isspace() for c in path):
+            raise DataError(f"data source {item!r}", "a hub source is hub:ORG/NAME[:CONFIG][@REVISION][:RATIO]",
+                            "E.g. hub:wikimedia/wikipedia:20231101.de:0.01 or hub:bookcorpus/bookcorpus@main.")
+        return SourceSpec(item, ratio, "hub", path=path, config=config or None, revision=revision or None)
+    return SourceSpec(item, ratio, "local", path=item)
+
+
 def parse_sources(name, loading_ratio: float = 1.0) -> list[SourceSpec]:
-    """``"bookcorpus"``, ``"wikipedia:1/41"``, ``"a.txt b.parquet:0.5"`` or a list of such -> specs."""
+    """``"bookcorpus"``, ``"wikipedia:20231101.de:1/41"``, ``"hub:ORG/NAME:CONFIG@REV:0.1"``,
+    ``"a.txt b.parquet:0.5"`` or a list of such -> specs. The last ``:RATIO`` (a number or a fraction) is the
+    loading ratio; a hub config that is itself a number needs an explicit ratio after it (``hub:o/n:2023:1``)."""
     if isinstance(name, (list, tuple)):
-        items = [str(x) for x in name]
+        items = [os.fspath(x) if isinstance(x, os.PathLike) else str(x) for x in name]
     elif isinstance(name, (str, os.PathLike)):
         name = os.fspath(name)
         items = [name] if os.path.exists(name) else name.split()
@@ -66,10 +107,10 @@ def parse_sources(name, loading_ratio: float = 1.0) -> list[SourceSpec]:
             parsed = _parse_ratio(tail)
             if parsed is not None:
                 item, ratio = head, parsed
-        if not 0.0 < ratio <= 1.0:
+        if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
             raise DataError(f"data source {item!r} with loading_ratio={ratio}",
                             "the loading ratio must be in (0, 1]", "Use e.g. bookcorpus:0.1 or loading_ratio=1/41.")
-        specs.append(SourceSpec(item, float(ratio)))
+        specs.append(_spec(item, float(ratio)))
     return specs
 
 
@@ -108,7 +149,137 @@ def _group_rows(batch):
     return {"sentences": [sents] if sents else []}
 
 
+class _DocRanges:
+    """Rows [start, end) of ``ds`` -> one document, each row split into sentences (for ``doc_column``)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __call__(self, batch):
+        lo, hi = batch["start"][0], batch["end"][-1]
+        texts = self.ds[lo:hi]["text"]
+        out = []
+        for s, e in zip(batch["start"], batch["end"]):
+            sents = [x for t in texts[s - lo : e - lo] if isinstance(t, str) for x in split_sentences(t)]
+            if sents:
+                out.append(sents)
+        return {"sentences": out}
+
+
+def to_documents(ds, *, fp: str, what: str, cache_dir=None, num_proc=None, doc_column=None,
+                 sentences_per_doc=None, rows="documents"):
+    """Rows with a ``text`` column -> documents (``sentences``: list of str), in one of three ways:
+
+    * ``doc_column``: consecutive rows sharing that column's value form one document, in row order (each row
+      split into sentences);
+    * ``sentences_per_doc`` N (or ``rows == "sentences"``: bookcorpus): N consecutive rows form a document,
+      each row kept as one sentence;
+    * otherwise one document per row, split into sentences.
+    Grouping runs in one process, so documents do not depend on ``num_proc``. Wikipedia (``rows ==
+    "articles"``) is always one document per row: ``doc_column`` and ``sentences_per_doc`` leave it alone, so
+    that they can be given for a mix such as ``"wikipedia bookcorpus"``.
+    """
+    import datasets
+    import numpy as np
+
+    if rows == "articles":
+        doc_column = sentences_per_doc = None
+
+    if doc_column is not None:
+        if doc_column not in ds.column_names:
+            raise DataError(what, f"it has no doc column {doc_column!r} (columns: {ds.column_names})",
+                            "Pass an existing column as doc_column / --doc-column, or leave it unset for one "
+                            "document per row.")
+        vals = ds.data.column(doc_column).to_numpy(zero_copy_only=False) if len(ds) else np.array([])
+        if ds._indices is not None:  # a selected prefix of the table
+            vals = np.asarray(ds[doc_column], dtype=object)
+        cut = np.flatnonzero(vals[1:] != vals[:-1]) + 1 if len(vals) else np.array([], dtype=np.int64)
+        starts = np.concatenate([[0], cut]).astype(np.int64) if len(vals) else cut.astype(np.int64)
+        ends = np.append(cut, len(vals)).astype(np.int64) if len(vals) else cut.astype(np.int64)
+        ranges = datasets.Dataset.from_dict({"start": starts, "end": ends})
+        ranges._fingerprint = _hash([fp, "ranges"])
+        return cached_map(ranges, _DocRanges(ds.select_columns(["text"])),
+                          fingerprint=_hash([fp, "doc_column", doc_column, VERSION]), cache_dir=cache_dir,
+                          batched=True, batch_size=1000, remove_columns=["start", "end"],
+                          desc=f"{what}: grouping rows by {doc_column}")
+    ds = ds.select_columns(["text"])
+    if sentences_per_doc or rows == "sentences":
+        n = sentences_per_doc or BOOKCORPUS_SENTENCES_PER_DOC
+        return cached_map(ds, _group_rows, fingerprint=_hash([fp, "group", n, VERSION]), cache_dir=cache_dir,
+                          batched=True, batch_size=n, remove_columns=["text"],
+                          desc=f"{what}: grouping rows into documents of {n} sentences")
+    return cached_map(ds, _split_docs, fingerprint=_hash([fp, "split", VERSION]), cache_dir=cache_dir, batched=True,
+                      num_proc=num_proc, remove_columns=["text"], desc=f"{what}: splitting sentences")
+
+
+def _use_text_column(ds, what: str, text_column: str, doc_column: str | None):
+    """Keep ``text_column`` (renamed ``text``) and ``doc_column``; a clear error when one is missing."""
+    if text_column not in ds.column_names:
+        raise DataError(what, f"it has no text column {text_column!r} (columns: {ds.column_names})",
+                        "Name the column that holds the text with text_column= / --text-column.")
+    keep = [text_column] + ([doc_column] if doc_column and doc_column in ds.column_names else [])
+    ds = ds.select_columns(keep)
+    if text_column != "text":
+        if "text" in ds.column_names:
+            ds = ds.remove_columns(["text"])
+        ds = ds.rename_column(text_column, "text")
+    return ds
+
+
 # ---------------------------------------------------------------------------------------------------- hub
+
+
+def hub_offline() -> str | None:
+    """Why the hub cannot be used now ("HF_HUB_OFFLINE=1", "HF_ENDPOINT ... cannot be reached"), or None.
+
+    The endpoint is ``datasets.config.HF_ENDPOINT`` (``HF_ENDPOINT``), probed with one HEAD request through
+    urllib, which honours the usual proxy variables; any HTTP answer counts as reachable."""
+    import urllib.error
+    import urllib.request
+
+    import datasets
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1"
+    endpoint = datasets.config.HF_ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:
+        return None
+    except Exception as e:  # DNS failure, refused, timeout
+        return f"the hub {endpoint} cannot be reached ({getattr(e, 'reason', e)})"
+    return None
+
+
+def hub_cache_root(cache_dir=None) -> str:
+    import datasets
+
+    return os.path.expanduser(str(cache_dir or datasets.config.HF_DATASETS_CACHE))
+
+
+def hub_is_cached(spec: SourceSpec, cache_dir=None) -> bool:
+    """Whether ``datasets`` has this hub dataset (and config) prepared in its cache: where
+    ``load_dataset`` looks when the hub cannot be reached (``<cache>/<org>___<name>/<config>/<version>/<hash>``)."""
+    from datasets.naming import camelcase_to_snakecase
+
+    parts = spec.path.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = os.path.join(hub_cache_root(cache_dir), "___".join(parts))
+    config = glob.escape(spec.config) + "*" if spec.config else "*"
+    return any(os.path.isdir(p) for p in glob.glob(os.path.join(root, config, "*", "*")))
+
+
+def predownload_command(spec: SourceSpec, cache_dir=None) -> str:
+    args = [repr(spec.path)] + ([repr(spec.config)] if spec.config else []) + ["split='train'"]
+    if spec.revision:
+        args.append(f"revision={spec.revision!r}")
+    if cache_dir:
+        args.append(f"cache_dir={cache_dir!r}")
+    return f'python -c "import datasets; datasets.load_dataset({", ".join(args)})"'
+
+
+def _is_script_error(e: BaseException) -> bool:
+    return "scripts are no longer supported" in str(e) or "trust_remote_code" in str(e)
 
 
 def _stream_rows(ids, path, name, data_files) -> int | None:
@@ -128,112 +299,254 @@ def _stream_rows(ids, path, name, data_files) -> int | None:
     return None
 
 
-def load_hub(key: str, ratio: float, *, streaming: bool = False, cache_dir=None, num_proc=None,
-             override: dict | None = None, sentences_per_doc: int = 64):
-    """Load ``bookcorpus`` / ``wikipedia`` from the hub (or what ``override`` points at) -> (documents, key).
+def _load_hub_dataset(spec: SourceSpec, override: dict, *, streaming: bool, cache_dir, num_proc):
+    """``datasets.load_dataset`` for a hub source; a dataset that still ships a loading script (refused since
+    ``datasets`` 4) is retried once on the hub's parquet conversion, and said so."""
+    import datasets
 
-    ``override`` may replace ``path``, ``name`` (the config) and give ``data_files``: tests point this very code
-    at local parquet files with ``{"path": "parquet", "name": None, "data_files": {...}}``.
+    path = override.get("path", spec.path)
+    name = override.get("name", spec.config)
+    revision = override.get("revision", spec.revision)
+    data_files = override.get("data_files")
+    kw = dict(data_files=data_files, split="train")
+    kw.update(dict(streaming=True) if streaming else dict(cache_dir=cache_dir, num_proc=num_proc))
+    try:
+        return datasets.load_dataset(path, name, revision=revision, **kw), (path, name, revision, data_files)
+    except Exception as e:
+        if not _is_script_error(e) or revision == PARQUET_REVISION:
+            raise
+        first = e
+    log.warning("%s: %s ships a loading script, which datasets %s no longer runs; retrying once with the hub's "
+                "parquet conversion (revision=%r%s)", spec.name, path, datasets.__version__, PARQUET_REVISION,
+                f", data_dir={name!r}" if name else "")
+    try:
+        # the conversion holds one folder per config and no loading script: the config is a data_dir there
+        ds = datasets.load_dataset(path, revision=PARQUET_REVISION, data_dir=name, **kw)
+    except Exception as e:
+        raise DataError(
+            f"data source {spec.name!r} ({spec.hub_label})",
+            f"the dataset ships a loading script, which datasets {datasets.__version__} refuses ({first}), and "
+            f"its parquet conversion (revision={PARQUET_REVISION!r}) could not be loaded either "
+            f"({type(e).__name__}: {e})",
+            "Either install a datasets release that still runs scripts (pip install 'datasets<4'; it then asks "
+            "for trust_remote_code), or download the dataset's files yourself and point --data at them "
+            "(e.g. --data 'corpus/*.parquet', with --text-column/--doc-column/--sentences-per-doc as needed).",
+        ) from e
+    return ds, (path, name, PARQUET_REVISION, data_files)
+
+
+def load_hub(spec: SourceSpec, *, streaming: bool = False, cache_dir=None, num_proc=None,
+             override: dict | None = None, sentences_per_doc: int | None = None, text_column: str = "text",
+             doc_column: str | None = None):
+    """Load a hub source (or what ``override`` points at) -> (documents, key).
+
+    ``override`` may replace ``path``, ``name`` (the config), ``revision`` and give ``data_files``: tests point
+    this very code at local parquet files with ``{"path": "parquet", "name": None, "data_files": {...}}``.
+    ``text_column`` / ``doc_column`` apply to ``hub:`` sources; bookcorpus and wikipedia use their own layout.
     """
     import datasets
 
-    spec = {**HUB_SOURCES[key], **(override or {})}
-    path, name, data_files = spec["path"], spec.get("name"), spec.get("data_files")
-    asked = f"load_data({key!r}) from {path!r}" + (f" config {name!r}" if name else "")
+    on_hub = override is None
+    override = override or {}
+    if not spec.name.startswith("hub:"):  # bookcorpus / wikipedia: their own `text` column, no doc column
+        text_column, doc_column = "text", None
+    ratio = spec.ratio
+    asked = f"data source {spec.name!r} ({spec.hub_label})"
+    offline = None
+    if streaming and on_hub:
+        offline = hub_offline()
+        if offline:
+            log.warning("%s: streaming needs the hub (%s): reading the cached copy instead", spec.name, offline)
+            streaming = False
     try:
         if streaming:
-            ids = datasets.load_dataset(path, name, data_files=data_files, split="train", streaming=True)
+            ids, (path, name, rev, data_files) = _load_hub_dataset(spec, override, streaming=True,
+                                                                    cache_dir=cache_dir, num_proc=num_proc)
             total = _stream_rows(ids, path, name, data_files) if ratio < 1.0 else None
-            stream = ids.select_columns(["text"])
+            if text_column not in (ids.column_names or [text_column]):
+                raise DataError(asked, f"it has no text column {text_column!r} (columns: {ids.column_names})",
+                                "Name the column that holds the text with text_column= / --text-column.")
+            stream = ids.select_columns([text_column] + ([doc_column] if doc_column else []))
             if total is not None:
                 stream = stream.take(max(1, math.ceil(ratio * total)))
             # Only the prefix is read (no full download); it is kept in memory and processed like the rest.
-            texts = [row["text"] for row in stream]
+            rows = list(stream)
             if total is None and ratio < 1.0:
-                texts = texts[: max(1, math.ceil(ratio * len(texts)))]
-            ds = datasets.Dataset.from_dict({"text": texts})
-            fp = _hash(["stream", path, name, str(data_files), len(texts)])
+                rows = rows[: max(1, math.ceil(ratio * len(rows)))]
+            cols = {c: [r[c] for r in rows] for c in ([text_column] + ([doc_column] if doc_column else []))}
+            ds = datasets.Dataset.from_dict(cols)
+            fp = _hash(["stream", path, name, rev, str(data_files), len(rows)])
         else:
-            ds = datasets.load_dataset(path, name, data_files=data_files, split="train", cache_dir=cache_dir,
-                                       num_proc=num_proc)
+            ds, _ = _load_hub_dataset(spec, override, streaming=False, cache_dir=cache_dir, num_proc=num_proc)
             fp = None
     except DataError:
         raise
     except Exception as e:  # ConnectionError, hub offline, DatasetNotFoundError, ...
+        offline = offline or (hub_offline() if on_hub else None)
+        if offline and on_hub:
+            raise _not_cached_error(spec, offline, cache_dir) from e
         raise DataError(asked, f"the dataset could not be loaded ({type(e).__name__}: {e})",
-                        "If there is no network: " + OFFLINE_HINT) from e
-    if "text" not in ds.column_names:
-        raise DataError(asked, f"it has no `text` column (columns: {ds.column_names})")
+                        "Check the name, config and revision on the hub. If there is no network: "
+                        + OFFLINE_HINT) from e
+    ds = _use_text_column(ds, asked, text_column, doc_column)
     if not streaming:
         ds = _head(ds, ratio)
         fp = _hash([ds._fingerprint, "head"])
-    ds = ds.select_columns(["text"])
-    if spec["rows"] == "sentences":
-        # Grouping is sequential (single process): num_proc would shift group boundaries with the shard edges.
-        docs = cached_map(ds, _group_rows, fingerprint=_hash([fp, "group", sentences_per_doc, VERSION]),
-                          cache_dir=cache_dir, batched=True, batch_size=sentences_per_doc,
-                          remove_columns=["text"], desc=f"{key}: grouping sentences into documents")
-    else:
-        docs = cached_map(ds, _split_docs, fingerprint=_hash([fp, "split", VERSION]), cache_dir=cache_dir,
-                          batched=True, num_proc=num_proc, remove_columns=["text"],
-                          desc=f"{key}: splitting sentences")
-    return docs, _hash([fp, spec["rows"], sentences_per_doc, VERSION])
+    docs = to_documents(ds, fp=fp, what=spec.name, cache_dir=cache_dir, num_proc=num_proc, doc_column=doc_column,
+                        sentences_per_doc=sentences_per_doc, rows=spec.rows)
+    return docs, docs._fingerprint
+
+
+def _not_cached_error(spec: SourceSpec, why: str, cache_dir=None) -> DataError:
+    return DataError(
+        f"data source {spec.name!r} ({spec.hub_label})",
+        f"it is not in the datasets cache ({hub_cache_root(cache_dir)}) and the hub cannot be used ({why})",
+        f"Pre-download it once with network (same HF_HOME / cache_dir): {predownload_command(spec, cache_dir)}; "
+        "then it loads offline. Or: " + OFFLINE_HINT)
 
 
 # ---------------------------------------------------------------------------------------------------- local
 
 
 def local_files(spec: str) -> list[str]:
-    """The corpus files a path, folder or glob names (sorted); FileNotFoundError / DataError otherwise."""
+    """The corpus files a path, folder or glob names (sorted); DataNotFoundError / DataError otherwise."""
     if any(c in spec for c in "*?["):
         files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
         if not files:
-            raise FileNotFoundError(f"load_data({spec!r}): the glob matches no file. {OFFLINE_HINT}")
+            raise DataNotFoundError(f"data source {spec!r}", "the glob matches no file",
+                                    "Check the pattern (quote it so the shell does not expand it). " + OFFLINE_HINT)
     elif os.path.isdir(spec):
         files = sorted(
             os.path.join(root, f) for root, _, names in os.walk(spec) for f in names
             if os.path.splitext(f)[1].lower() in FILE_BUILDERS
         )
         if not files:
-            raise DataError(f"load_data({spec!r})", "the folder holds no .txt, .jsonl or .parquet file")
+            raise DataError(f"data source {spec!r}", "the folder holds no .txt, .jsonl or .parquet file")
     elif os.path.isfile(spec):
         files = [spec]
     else:
-        raise FileNotFoundError(
-            f"load_data({spec!r}): no such file, folder or known dataset (known: 'builtin', "
-            f"{', '.join(repr(k) for k in HUB_SOURCES)}). {OFFLINE_HINT}")
+        raise DataNotFoundError(f"data source {spec!r}",
+                                f"no such file, folder or known dataset (known: {KNOWN_NAMES})", OFFLINE_HINT)
     bad = [f for f in files if os.path.splitext(f)[1].lower() not in FILE_BUILDERS]
     if bad:
-        raise DataError(f"load_data({spec!r})", f"unsupported file type: {bad[0]}",
+        raise DataError(f"data source {spec!r}", f"unsupported file type: {bad[0]}",
                         "Use .txt (documents separated by blank lines), .jsonl or .parquet with a `text` column.")
     return files
 
 
-def load_local(spec: str, ratio: float, *, cache_dir=None, num_proc=None):
-    """.txt (one document per blank-line-separated paragraph), .jsonl / .parquet (a `text` column per document)."""
+def check_file_encoding(path: str, limit: int | None = SNIFF_BYTES) -> None:
+    """DataError when ``path`` (the first ``limit`` bytes; None: all) is not what its extension says: a parquet
+    file without the parquet magic, or a text / jsonl file that is binary (NUL bytes) or not UTF-8; the message
+    names the file, the problem and the byte offset."""
+    ext = os.path.splitext(path)[1].lower()
+    todo = ("Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.txt) or remove it from the "
+            "data (folders and globs take every .txt/.jsonl/.parquet file below them).")
+    if ext == ".parquet":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if os.path.getsize(path) and head != b"PAR1":
+            raise DataError(f"data file {path}", f"it is not a parquet file (it starts with {head!r}, not b'PAR1')",
+                            "Give .parquet only to parquet files.")
+        return
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while limit is None or offset < limit:
+            chunk = f.read(min(1 << 20, limit - offset) if limit is not None else 1 << 20)
+            if not chunk:
+                break
+            nul = chunk.find(b"\x00")
+            try:
+                dec.decode(chunk[:nul] if nul >= 0 else chunk)
+            except UnicodeDecodeError as e:
+                # offset of the chunk, minus the bytes of an unfinished character carried from the last chunk
+                at = offset + e.start - (len(e.object) - len(chunk[:nul] if nul >= 0 else chunk))
+                bad = e.object[e.start : e.start + 1]
+                raise DataError(f"data file {path}", f"it is not UTF-8 text: byte 0x{bad.hex()} at byte offset "
+                                f"{at} cannot be decoded ({e.reason})", todo) from None
+            if nul >= 0:
+                raise DataError(f"data file {path}", f"it is binary, not UTF-8 text: a NUL byte at byte offset "
+                                f"{offset + nul} (a binary file, or UTF-16 text)", todo)
+            offset += len(chunk)
+
+
+def _check_local_columns(path: str, text_column: str, doc_column: str | None) -> None:
+    """The columns of a parquet file (its schema) or of the first row of a jsonl file, cheaply."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            cols = pq.read_schema(path).names
+        except Exception as e:
+            raise DataError(f"data file {path}", f"it is not a readable parquet file ({type(e).__name__}: {e})",
+                            "Check the file.") from e
+    elif ext in (".jsonl", ".json"):
+        import json
+
+        with open(path, encoding="utf-8", errors="replace") as f:
+            line = next((ln for ln in f if ln.strip()), None)
+        if line is None:
+            return
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return  # a .json array or a broken line: the loader says more
+        if not isinstance(row, dict):
+            return
+        cols = list(row)
+    else:
+        return
+    for what, col in (("text", text_column), ("doc", doc_column)):
+        if col is not None and col not in cols:
+            flag = "--text-column" if what == "text" else "--doc-column"
+            raise DataError(f"data file {path}", f"it has no {what} column {col!r} (columns: {cols})",
+                            f"Name an existing column with {flag} ({what}_column=)"
+                            + (", or store one document per row in a column named `text`." if what == "text"
+                               else "."))
+
+
+def load_local(spec: SourceSpec, *, cache_dir=None, num_proc=None, text_column: str = "text",
+               doc_column: str | None = None, sentences_per_doc: int | None = None):
+    """.txt (one document per blank-line-separated paragraph; one row per line with ``sentences_per_doc``),
+    .jsonl / .parquet (a text column per row: a document, or rows grouped by ``doc_column`` /
+    ``sentences_per_doc``)."""
     import datasets
 
-    files = local_files(spec)
+    name = spec.path
+    files = local_files(name)
     parts = []
     for builder in sorted({FILE_BUILDERS[os.path.splitext(f)[1].lower()] for f in files}):
         group = [os.path.abspath(f) for f in files if FILE_BUILDERS[os.path.splitext(f)[1].lower()] == builder]
-        kw = {"sample_by": "paragraph"} if builder == "text" else {}
+        kw = {"sample_by": "line" if sentences_per_doc else "paragraph"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files={"train": group}, split="train", cache_dir=cache_dir,
                                        **kw)
         except Exception as e:
-            raise DataError(f"load_data({spec!r})", f"reading {builder} files {group[:3]} failed "
+            for f in group:  # an encoding problem is the usual cause: name the file and the byte
+                check_file_encoding(f, limit=None)
+            raise DataError(f"data source {name!r}", f"reading {builder} files {group[:3]} failed "
                             f"({type(e).__name__}: {e})", "Check the files are valid and non-empty.") from e
-        if "text" not in ds.column_names:
-            raise DataError(f"load_data({spec!r})", f"{group[0]} has no `text` column (columns: {ds.column_names})",
-                            "Store one document per row in a column named `text`.")
-        parts.append(ds.select_columns(["text"]))
+        if builder == "text":
+            cols = ["text"]
+        else:
+            ds = _use_text_column(ds, f"data source {name!r} ({group[0]})", text_column, doc_column)
+            cols = ["text"] + ([doc_column] if doc_column else [])
+        if doc_column and doc_column not in ds.column_names:
+            raise DataError(f"data source {name!r} ({group[0]})",
+                            f"it has no doc column {doc_column!r} (columns: {ds.column_names})",
+                            "A .txt file has only text; use .jsonl/.parquet with that column, or --sentences-per-doc.")
+        parts.append(ds.select_columns(cols))
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    ds = _head(ds, ratio)
-    fp = _hash([[p._fingerprint for p in parts], ratio, "local", VERSION])
-    docs = cached_map(ds, _split_docs, fingerprint=fp, cache_dir=cache_dir, batched=True, num_proc=num_proc,
-                      remove_columns=["text"], desc=f"{spec}: splitting sentences")
-    return docs, fp
+    ds = _head(ds, spec.ratio)
+    fp = _hash([[p._fingerprint for p in parts], spec.ratio, "local", VERSION])
+    if not doc_column and not sentences_per_doc:  # as before these options existed: the same cache keys
+        docs = cached_map(ds, _split_docs, fingerprint=fp, cache_dir=cache_dir, batched=True, num_proc=num_proc,
+                          remove_columns=["text"], desc=f"{name}: splitting sentences")
+        return docs, fp
+    docs = to_documents(ds, fp=fp, what=name, cache_dir=cache_dir, num_proc=num_proc, doc_column=doc_column,
+                        sentences_per_doc=sentences_per_doc)
+    return docs, docs._fingerprint
 
 
 def load_builtin(ratio: float, *, n_docs: int = 1200, seed: int = 0, cache_dir=None, num_proc=None):
@@ -247,23 +560,78 @@ def load_builtin(ratio: float, *, n_docs: int = 1200, seed: int = 0, cache_dir=N
     return docs, fp
 
 
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def check_sources(name, loading_ratio: float = 1.0, *, hub_overrides: dict | None = None, cache_dir=None,
+                  text_column: str = "text", doc_column: str | None = None, sentences_per_doc: int | None = None,
+                  sniff_bytes: int | None = SNIFF_BYTES) -> list[SourceSpec]:
+    """Cheap checks of data sources before any work; returns the parsed specs or raises :class:`DataError`.
+
+    Refused: a bad spec or ratio; a local path, folder or glob that names no file, or an unknown name
+    (:class:`DataNotFoundError`, also a ``FileNotFoundError``); an unsupported file type; a file whose first
+    ``sniff_bytes`` are binary or not UTF-8 (parquet: no parquet magic); a parquet / jsonl file without the
+    text or doc column; a hub source that is not in the ``datasets`` cache while the hub cannot be used
+    (``HF_HUB_OFFLINE=1`` or no network). Reads no dataset.
+    """
+    if not isinstance(text_column, str) or not text_column:
+        raise DataError(f"text_column={text_column!r}", "the text column must be a non-empty column name",
+                        "Use e.g. --text-column text.")
+    if doc_column is not None and (not isinstance(doc_column, str) or not doc_column):
+        raise DataError(f"doc_column={doc_column!r}", "the doc column must be a non-empty column name or unset",
+                        "Use e.g. --doc-column doc_id.")
+    if sentences_per_doc is not None and (isinstance(sentences_per_doc, bool)
+                                          or not isinstance(sentences_per_doc, int) or sentences_per_doc < 1):
+        raise DataError(f"sentences_per_doc={sentences_per_doc!r}", "it must be a positive integer",
+                        "Use e.g. --sentences-per-doc 64 (rows of a one-sentence-per-row corpus per document).")
+    if doc_column and sentences_per_doc:
+        raise DataError(f"doc_column={doc_column!r} with sentences_per_doc={sentences_per_doc}",
+                        "documents are formed either by a doc column or by a row count, not both",
+                        "Give one of --doc-column / --sentences-per-doc.")
+    specs = parse_sources(name, loading_ratio)
+    offline = "unknown"
+    for s in specs:
+        if s.kind == "local":
+            for f in local_files(s.path):
+                check_file_encoding(f, sniff_bytes)
+                _check_local_columns(f, text_column, doc_column)
+        elif s.kind == "hub" and _override_for(hub_overrides, s) is None:
+            if offline == "unknown":
+                offline = hub_offline()
+            if offline and not hub_is_cached(s, cache_dir):
+                raise _not_cached_error(s, offline, cache_dir)
+    return specs
+
+
+def _override_for(hub_overrides, spec: SourceSpec):
+    if not hub_overrides:
+        return None
+    base = spec.name.split(":", 1)[0] if spec.name.startswith(("wikipedia", "bookcorpus")) else spec.name
+    return hub_overrides.get(spec.name, hub_overrides.get(base))
+
+
 # ---------------------------------------------------------------------------------------------------- all
 
 
 def load_documents(specs: list[SourceSpec], *, streaming=False, cache_dir=None, num_proc=None,
-                   hub_overrides: dict | None = None, sentences_per_doc: int = 64, builtin_docs: int = 1200):
-    """All sources, concatenated in the order given -> (documents dataset, a key naming its content)."""
+                   hub_overrides: dict | None = None, sentences_per_doc: int | None = None, builtin_docs: int = 1200,
+                   text_column: str = "text", doc_column: str | None = None):
+    """All sources, concatenated in the order given -> (documents dataset, a key naming its content).
+
+    ``sentences_per_doc`` None: bookcorpus groups 64 rows per document, other sources one document per row."""
     import datasets
 
     parts, keys = [], []
     for s in specs:
-        if s.name == "builtin":
+        if s.kind == "builtin":
             docs, key = load_builtin(s.ratio, n_docs=builtin_docs, cache_dir=cache_dir, num_proc=num_proc)
-        elif s.name in HUB_SOURCES and not os.path.exists(s.name):
-            docs, key = load_hub(s.name, s.ratio, streaming=streaming, cache_dir=cache_dir, num_proc=num_proc,
-                                 override=(hub_overrides or {}).get(s.name), sentences_per_doc=sentences_per_doc)
+        elif s.kind == "hub":
+            docs, key = load_hub(s, streaming=streaming, cache_dir=cache_dir, num_proc=num_proc,
+                                 override=_override_for(hub_overrides, s), sentences_per_doc=sentences_per_doc,
+                                 text_column=text_column, doc_column=doc_column)
         else:
-            docs, key = load_local(s.name, s.ratio, cache_dir=cache_dir, num_proc=num_proc)
+            docs, key = load_local(s, cache_dir=cache_dir, num_proc=num_proc, text_column=text_column,
+                                   doc_column=doc_column, sentences_per_doc=sentences_per_doc)
         if len(docs) == 0:
             raise DataError(f"data source {s.name!r} (loading_ratio={s.ratio})",
                             "it holds no text: every document is empty",
