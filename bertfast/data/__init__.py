@@ -8,13 +8,14 @@ Public API (see docs/data.md): ``load_data``, ``mask_tokens``, ``Batch``, ``Pret
 from .batch import Batch, PretrainingCollator, sample_seed
 from .errors import DataError, DataNotFoundError
 from .loader import PretrainingLoader, load_data
-from .masking import default_max_predictions, mask_tokens
+from .masking import continuation_table, default_max_predictions, mask_tokens, word_ids_from_pieces
 from .sentences import split_sentences
 from .sources import check_sources
 
 DataCollator = PretrainingCollator  # short alias
 
 __all__ = [
-    "Batch", "DataCollator", "DataError", "DataNotFoundError", "PretrainingCollator", "PretrainingLoader", "check_sources", "default_max_predictions",
-    "load_data", "mask_tokens", "sample_seed", "split_sentences",
+    "Batch", "DataCollator", "DataError", "DataNotFoundError", "PretrainingCollator", "PretrainingLoader",
+    "check_sources", "continuation_table", "default_max_predictions", "load_data", "mask_tokens", "sample_seed",
+    "split_sentences", "word_ids_from_pieces",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masking import default_max_predictions, mask_from_draws
+from .masking import continuation_table, default_max_predictions, mask_from_draws, word_ids_from_pieces
 
 _MASK64 = (1 << 64) - 1
 
@@ -77,12 +77,15 @@ class PretrainingCollator:
     A sample is a dict with ``input_ids`` (``[CLS] A [SEP] B [SEP]``, a list of ints), ``len_a`` (length of
     ``[CLS] A [SEP]``), ``is_next`` and optionally ``seed``: the seed of that sample's generator (see
     :func:`sample_seed`). Without ``seed``, the collator's own generator is used. [CLS], both [SEP] and padding
-    are never masked.
+    are never masked. ``continuation``: a ``[vocab]`` bool table of ``##`` pieces (see
+    :func:`~bertfast.data.masking.continuation_table`) turns on whole-word masking
+    (``from_tokenizer(tok, whole_word_masking=True)`` builds it).
     """
 
     def __init__(self, *, vocab_size: int, pad_token_id: int, mask_token_id: int, max_len: int = 128,
                  max_predictions: int | None = None, mlm_probability: float = 0.15,
-                 pad_to_multiple_of: int | None = None, generator: torch.Generator | None = None):
+                 pad_to_multiple_of: int | None = None, generator: torch.Generator | None = None,
+                 continuation: torch.Tensor | None = None):
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
         self.mask_token_id = mask_token_id
@@ -90,9 +93,16 @@ class PretrainingCollator:
         self.max_predictions = max_predictions or default_max_predictions(max_len, mlm_probability)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.generator = generator
+        self.continuation = continuation
+
+    @property
+    def whole_word_masking(self) -> bool:
+        return self.continuation is not None
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, **kw) -> "PretrainingCollator":
+    def from_tokenizer(cls, tokenizer, *, whole_word_masking: bool = False, **kw) -> "PretrainingCollator":
+        if whole_word_masking:
+            kw["continuation"] = continuation_table(tokenizer)
         return cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                    mask_token_id=tokenizer.mask_token_id, **kw)
 
@@ -120,8 +130,12 @@ class PretrainingCollator:
             torch.randint(self.vocab_size, (n,), generator=g, out=random_ids[b, :n])
         special = ~real
         special[rows, 0] = special[rows, len_a - 1] = special[rows, lens - 1] = True  # [CLS], [SEP], [SEP]
+        word_ids = None
+        if self.continuation is not None:
+            ids = input_ids.clamp(max=len(self.continuation) - 1)
+            word_ids = word_ids_from_pieces(ids, special, self.continuation)
         input_ids, labels = mask_from_draws(input_ids, special, priority, action, random_ids, self.mask_token_id,
-                                            self.mlm_probability, max_predictions=P)
+                                            self.mlm_probability, max_predictions=P, word_ids=word_ids)
         # Static form: the predicted positions of each row in ascending order, then -1 (at most P by construction).
         chosen = labels != -100
         r, c = chosen.nonzero(as_tuple=True)  # row-major: each row's positions in ascending order

@@ -189,6 +189,7 @@ def load_data(
     builtin_docs: int = 1200,
     text_column: str = "text",
     doc_column: str | None = None,
+    whole_word_masking: bool = False,
 ):
     """Build the pretraining data; returns ``(tokenizer, loader)``.
 
@@ -212,6 +213,7 @@ def load_data(
     text_column: the column holding the text in hub datasets and .jsonl / .parquet files.
     doc_column: rows sharing this column's value (consecutive rows) form one document, in row order; None: one
         document per row (bookcorpus: ``sentences_per_doc`` rows).
+    whole_word_masking: mask whole words (a token and its following ``##`` pieces) instead of single tokens.
     sentences_per_doc: N consecutive rows form one document, each row one sentence (.txt files are then read one
         row per line). None: 64 for bookcorpus, one document per row elsewhere.
     """
@@ -238,7 +240,8 @@ def load_data(
         raise DataError(what, "no sentence pair could be built from the corpus", "Give longer documents.")
     collator = PretrainingCollator.from_tokenizer(
         tok, max_len=max_len, max_predictions=max_predictions or default_max_predictions(max_len, mlm_probability),
-        mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of)
+        mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of,
+        whole_word_masking=whole_word_masking)
     loader = PretrainingLoader(pairs, collator, batch_size=batch_size, seed=seed, shuffle=shuffle,
                                drop_last=drop_last, num_workers=num_workers, rank=rank, world_size=world_size,
                                group_by_length=group_by_length, pin_memory=pin_memory)

@@ -2,6 +2,11 @@
 
 ``mask_tokens`` is the one implementation: the collator calls it once per sample with that sample's own
 generator, so a sample's mask depends only on (seed, epoch, sample index), never on the batch it lands in.
+
+Whole-word masking (``word_ids``): a word is a token with its following ``##`` pieces; whole words are chosen
+in random order until the row's quota is reached (a word that would overshoot it is skipped, as in Google's
+``create_pretraining_data.py --do_whole_word_mask``), every piece of a chosen word is predicted, and one
+80/10/10 decision is taken per word: all its pieces become ``[MASK]``, or all random ids, or all stay.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ def mask_tokens(
     mlm_probability: float = 0.15,
     generator: torch.Generator | None = None,
     max_predictions: int | None = None,
+    word_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose positions to predict and corrupt them; returns ``(masked_input_ids, labels)``.
 
@@ -33,6 +39,12 @@ def mask_tokens(
     10% a uniformly random token id in ``[0, vocab_size)`` and 10% keep their token. ``labels`` holds the
     original id at chosen positions and -100 elsewhere. ``input_ids`` is ``[..., S]``; nothing is modified in
     place. Three draws of the row's shape are taken from ``generator`` (one per random decision).
+
+    ``word_ids`` (shaped like ``input_ids``, integers): whole-word masking. Consecutive non-special positions
+    with the same id form one word (see :func:`word_ids_from_pieces`); words are chosen instead of tokens until
+    ``round(n * mlm_probability)`` tokens are predicted (a word that would overshoot is skipped; if no word fits,
+    the first word of at most ``max_predictions`` pieces is taken, so a row still predicts something), and the
+    80/10/10 decision is drawn once per word (at its first piece).
     """
     if input_ids.shape != special_tokens_mask.shape:
         raise ValueError(
@@ -46,7 +58,24 @@ def mask_tokens(
     action = torch.rand(shape, generator=generator, device=dev)
     random_ids = torch.randint(vocab_size, shape, generator=generator, device=dev, dtype=input_ids.dtype)
     return mask_from_draws(input_ids, special_tokens_mask, priority, action, random_ids, mask_token_id,
-                           mlm_probability, max_predictions)
+                           mlm_probability, max_predictions, word_ids=word_ids)
+
+
+def continuation_table(tokenizer) -> torch.Tensor:
+    """``[len(tokenizer)]`` bool: True for WordPiece continuation pieces (``##...``) of ``tokenizer``'s vocab."""
+    vocab = tokenizer.get_vocab()
+    table = torch.zeros(max(len(tokenizer), max(vocab.values(), default=-1) + 1), dtype=torch.bool)
+    ids = [i for t, i in vocab.items() if t.startswith("##") and len(t) > 2]
+    table[ids] = True
+    return table
+
+
+def word_ids_from_pieces(input_ids: torch.Tensor, special_tokens_mask: torch.Tensor,
+                         continuation: torch.Tensor) -> torch.Tensor:
+    """Word ids for whole-word masking: a new word starts at every token that is not a ``##`` piece (per the
+    ``continuation`` table of :func:`continuation_table`) and at every special position."""
+    starts = ~continuation[input_ids] | special_tokens_mask.bool()
+    return starts.long().cumsum(-1)
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +88,44 @@ def _rank(x: torch.Tensor) -> torch.Tensor:
     return x.argsort(-1).argsort(-1)
 
 
+def _whole_words(priority, special, word_ids, k, cap):
+    """Chosen positions ``[R, S]`` and, per position, the index of its word's first piece (for the per-word
+    80/10/10 decision). Words are runs of equal ``word_ids`` among the non-special positions of a row, taken
+    in order of their first piece's priority while they fit in the row's quota ``k``."""
+    import numpy as np
+
+    pr, sp, w, kk = priority.cpu().numpy(), special.cpu().numpy(), word_ids.cpu().numpy(), k.view(-1).cpu().numpy()
+    R, S = pr.shape
+    chosen = np.zeros((R, S), dtype=bool)
+    first = np.broadcast_to(np.arange(S), (R, S)).copy()
+    for r in range(R):
+        cand = np.flatnonzero(~sp[r])
+        quota = int(kk[r])
+        if quota <= 0 or cand.size == 0:
+            continue
+        wr = w[r, cand]
+        starts = np.flatnonzero(np.r_[True, wr[1:] != wr[:-1]])
+        sizes = np.diff(np.r_[starts, cand.size])
+        order = np.argsort(pr[r, cand[starts]], kind="stable")
+        picked, count = [], 0
+        for wi in order:
+            if count >= quota:
+                break
+            if count + sizes[wi] <= quota:
+                picked.append(wi)
+                count += sizes[wi]
+        if not picked:  # every word is longer than the quota: take the first that fits in the P slots
+            picked = [wi for wi in order if sizes[wi] <= cap][:1]
+        for wi in picked:
+            pos = cand[starts[wi] : starts[wi] + sizes[wi]]
+            chosen[r, pos] = True
+            first[r, pos] = pos[0]
+    dev = priority.device
+    return torch.from_numpy(chosen).to(dev), torch.from_numpy(first).to(dev)
+
+
 def mask_from_draws(input_ids, special_tokens_mask, priority, action, random_ids, mask_token_id: int,
-                    mlm_probability: float = 0.15, max_predictions: int | None = None):
+                    mlm_probability: float = 0.15, max_predictions: int | None = None, word_ids=None):
     """The decisions of :func:`mask_tokens` from given uniform draws (``priority``, ``action`` in [0, 1) and
     ``random_ids``, each shaped like ``input_ids``): the collator draws them per sample, of the sample's own
     length, then masks the padded batch at once."""
@@ -73,8 +138,19 @@ def mask_from_draws(input_ids, special_tokens_mask, priority, action, random_ids
         k = torch.where(n > 0, k.clamp(min=1), k)
     if max_predictions is not None:
         k = k.clamp(max=max_predictions)
-    rank = _rank(priority)  # 0 = smallest priority
-    chosen = rank < k
+    if word_ids is None:
+        rank = _rank(priority)  # 0 = smallest priority
+        chosen = rank < k
+    else:
+        if word_ids.shape != input_ids.shape:
+            raise ValueError(f"mask_tokens: word_ids {tuple(word_ids.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}")
+        shape = input_ids.shape
+        flat = lambda t: t.reshape(-1, shape[-1])  # noqa: E731
+        cap = max_predictions if max_predictions is not None else shape[-1]
+        chosen, first = _whole_words(flat(priority), flat(special), flat(word_ids), k.reshape(-1), cap)
+        action = flat(action).gather(-1, first).reshape(shape)  # one decision per word, at its first piece
+        chosen = chosen.reshape(shape)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     # 80% [MASK], 10% random token, 10% unchanged.
     masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
