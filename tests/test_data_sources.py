@@ -285,3 +285,21 @@ def test_local_sentences_per_doc_and_doc_column(tmp_path, kw):
     assert [len(d) for d in by_n.documents["tokens"]] == [20, 20, 10]
     with pytest.raises(DataError, match=r"bc\.txt.*no doc column 'book'"):
         load_data(str(tmp_path / "bc.txt"), doc_column="book", **kw)
+
+
+def test_nsp_share_reported_and_one_sentence_rows_warned(tmp_path, kw):
+    import warnings
+
+    from bertfast.data import NSPBalanceWarning
+
+    lines = _book_rows(n_books=4, per_book=40)
+    rows = _parquet(tmp_path / "bc.parquet", {"text": lines})  # a local BookCorpus copy: one sentence per row
+    with pytest.warns(NSPBalanceWarning, match=r"bc\.parquet.*\d+\.\d% of the \d+ NSP pairs are is_next, outside "
+                      r"40%-60%.*median 1 sentences.*--sentences-per-doc"):
+        _, loose = load_data(rows, **kw)
+    assert loose.is_next_share < 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NSPBalanceWarning)
+        _, grouped = load_data(rows, sentences_per_doc=40, **kw)
+    assert 0.4 <= grouped.is_next_share <= 0.6
+    assert grouped.is_next_share == pytest.approx(float(sum(grouped.pairs["is_next"])) / len(grouped.pairs))

@@ -6,7 +6,7 @@ Public API (see docs/data.md): ``load_data``, ``mask_tokens``, ``Batch``, ``Pret
 """
 
 from .batch import Batch, PretrainingCollator, sample_seed
-from .errors import DataError, DataNotFoundError
+from .errors import DataError, DataNotFoundError, NSPBalanceWarning
 from .loader import PretrainingLoader, load_data
 from .masking import continuation_table, default_max_predictions, mask_tokens, word_ids_from_pieces
 from .sentences import split_sentences
@@ -15,7 +15,7 @@ from .sources import check_sources
 DataCollator = PretrainingCollator  # short alias
 
 __all__ = [
-    "Batch", "DataCollator", "DataError", "DataNotFoundError", "PretrainingCollator", "PretrainingLoader",
+    "Batch", "DataCollator", "DataError", "DataNotFoundError", "NSPBalanceWarning", "PretrainingCollator", "PretrainingLoader",
     "check_sources", "continuation_table", "default_max_predictions", "load_data", "mask_tokens", "sample_seed",
     "split_sentences", "word_ids_from_pieces",
 ]

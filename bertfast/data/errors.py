@@ -18,3 +18,7 @@ class DataError(ValueError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
     """A data source that names nothing: no such file, folder or known dataset, or a glob that matches no file."""
+
+
+class NSPBalanceWarning(UserWarning):
+    """The share of ``is_next`` pairs is far from one half: next-sentence prediction would learn a skewed prior."""

@@ -6,12 +6,13 @@ import logging
 import math
 import os
 import signal
+import warnings
 
 import numpy as np
 import torch
 
 from .batch import PretrainingCollator, sample_seed
-from .errors import DataError
+from .errors import DataError, NSPBalanceWarning
 from .masking import default_max_predictions
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def load_data(
                         dupe_factor=dupe_factor, cache_dir=cache_dir, num_proc=num_proc)
     if len(pairs) == 0:
         raise DataError(what, "no sentence pair could be built from the corpus", "Give longer documents.")
+    share = check_nsp_balance(pairs, tokens, what)
     collator = PretrainingCollator.from_tokenizer(
         tok, max_len=max_len, max_predictions=max_predictions or default_max_predictions(max_len, mlm_probability),
         mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of,
@@ -251,7 +253,39 @@ def load_data(
     log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
     loader.tokenizer = tok
     loader.documents = tokens
+    loader.is_next_share = share
     return tok, loader
+
+
+NSP_BALANCE = (0.4, 0.6)
+
+
+def check_nsp_balance(pairs, tokens, what: str) -> float:
+    """The share of ``is_next`` pairs; an :class:`NSPBalanceWarning` saying why when it is outside 40-60% by
+    more than chance (3 binomial standard deviations from one half: a corpus of a few pairs is not warned)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    share = float(np.asarray(pairs.data.column("is_next")).mean()) if len(pairs) else 0.0
+    log.info("%s: %.1f%% of %d NSP pairs are is_next", what, 100 * share, len(pairs))
+    lo, hi = NSP_BALANCE
+    if lo <= share <= hi or abs(share - 0.5) <= 3 * 0.5 / math.sqrt(max(len(pairs), 1)):
+        return share
+    sents = np.asarray(pc.list_value_length(tokens.data.column("tokens"))) if len(tokens) else np.zeros(1)
+    median, one = float(np.median(sents)), float((sents <= 1).mean())
+    if share < lo and median <= 3:
+        why = (f"the documents are very short (median {median:g} sentences, {one:.0%} with one sentence): only "
+               "sentences inside a document can be a real continuation, so nearly every B is random. Data with "
+               "one sentence per row (e.g. a local BookCorpus copy: each .parquet/.jsonl row, or each blank-line "
+               "paragraph of a .txt, is read as a whole document) needs its rows grouped: sentences_per_doc=N "
+               "(--sentences-per-doc N, e.g. 64) or doc_column= (--doc-column doc_id)")
+    else:
+        why = (f"(median {median:g} sentences per document) check the document boundaries and max_len: NSP "
+               "would learn the skewed prior instead of sentence order")
+    warnings.warn(f"{what}: {share:.1%} of the {len(pairs)} NSP pairs are is_next, outside "
+                  f"{lo:.0%}-{hi:.0%}: {why}.", NSPBalanceWarning, stacklevel=3)
+    log.warning("%s: %.1f%% of the NSP pairs are is_next: %s", what, 100 * share, why)
+    return share
 
 
 def _get_tokenizer(tokenizer, docs, docs_key: str, vocab_size: int, output_dir, cache_dir):
