@@ -491,7 +491,8 @@ class BertForSequenceClassification(BertModel):
     def from_pretraining(cls, model_or_state_dict, num_labels: int = 2, problem_type: str | None = None,
                          config: BertConfig | None = None, **kwargs) -> "BertForSequenceClassification":
         """The encoder (embeddings, layers, pooler) of a bertfast BertForPreTraining (the model, or its state
-        dict with a `config=`) and a freshly initialised classifier; the pretraining heads are dropped."""
+        dict with a `config=`) and a freshly initialised classifier (listed in `model.fresh_parameters`); the
+        pretraining heads are dropped."""
         src = model_or_state_dict
         if isinstance(src, BertModel):
             config = config or src.config
@@ -510,6 +511,7 @@ class BertForSequenceClassification(BertModel):
             raise ValueError(f"not a bertfast BertForPreTraining state dict: missing {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
         model.load_state_dict({k: sd[k] for k in encoder}, strict=False)
+        model.fresh_parameters = ["classifier.weight", "classifier.bias"]
         return model
 
     @classmethod

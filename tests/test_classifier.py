@@ -124,6 +124,7 @@ def test_from_bertfast_pretraining():
         kwargs = {} if src is pre else dict(config=CFG)
         model = BertForSequenceClassification.from_pretraining(src, num_labels=5, **kwargs)
         sd = model.state_dict()
+        assert model.fresh_parameters == ["classifier.weight", "classifier.bias"]
         assert set(sd) == {k for k in pre.state_dict() if not k.startswith(("mlm_", "nsp"))} | {
             "classifier.weight", "classifier.bias"}
         for k, v in pre.state_dict().items():
