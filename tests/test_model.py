@@ -297,3 +297,13 @@ def test_empty_sequence_pools_the_same_in_both_layouts(unpad):
         b = model(ids, mask, types, unpad=not unpad).seq_relationship_score
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a[2], model.nsp(torch.tanh(model.pooler.bias)).detach())  # pooled from zeros
+
+
+def test_hf_conversion_does_not_import_the_model():
+    """bertfast.hf depends on bertfast.config only; the models import it (one direction, no cycle)."""
+    import ast
+
+    tree = ast.parse(open(bertfast.hf.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "bertfast.model" not in imported and "bertfast.config" in imported
