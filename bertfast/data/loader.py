@@ -160,6 +160,52 @@ class PretrainingLoader:
         self.epoch, self.consumed = int(state["epoch"]), int(state["batches_consumed"])
 
 
+MIN_EVAL_DOCS = 8  # a held-out split takes at least this many documents
+MIN_EVAL_BATCHES = 4  # per rank; the eval batch shrinks to give this many when the held-out set is small
+EVAL_EPOCH = 0xE7A1_5EED  # the "epoch" of eval mask seeds: (seed, EVAL_EPOCH, i), never a training epoch
+
+
+class EvalLoader:
+    """Held-out batches with fixed masks: the same batches at every pass, in every run with the same seed.
+
+    * Order: the pairs sorted by length (stable; little padding), cut into global batches of
+      ``batch_size * world_size``; rank ``r`` takes the slice ``[r * batch_size, (r + 1) * batch_size)`` of
+      each, as the training loader does. The remainder (less than one global batch) is left out, so every rank
+      runs the same number of batches.
+    * Masks: pair ``i`` is masked with a generator seeded by ``(seed, EVAL_EPOCH, i)``: nothing depends on the
+      training loader's epoch or position, on workers, or on torch's global generator (nothing is drawn from it).
+    Iterating in the main process; ``len()`` is batches per pass on this rank.
+    """
+
+    def __init__(self, pairs, collator: PretrainingCollator, *, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False, documents=None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.pairs, self.collator, self.batch_size, self.seed = pairs, collator, batch_size, seed
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.samples = _PairSamples(pairs, seed)
+        self.documents = documents
+        lengths = np.asarray(pairs.data.column("length")) if len(pairs) else np.zeros(0, dtype=np.int64)
+        self._order = np.argsort(-lengths, kind="stable")
+
+    def __len__(self) -> int:
+        return len(self.pairs) // (self.batch_size * self.world_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Pairs evaluated per pass, over all ranks."""
+        return len(self) * self.batch_size * self.world_size
+
+    def batch_indices(self) -> list[list[int]]:
+        g, b, r = self.batch_size * self.world_size, self.batch_size, self.rank
+        return [self._order[i * g + r * b : i * g + (r + 1) * b].tolist() for i in range(len(self))]
+
+    def __iter__(self):
+        for idx in self.batch_indices():
+            batch = self.collator(self.samples.__getitems__([(EVAL_EPOCH, i) for i in idx]))
+            yield batch.pin_memory() if self.pin_memory else batch
+
+
 def load_data(
     name="builtin",
     loading_ratio: float = 1.0,
@@ -191,6 +237,9 @@ def load_data(
     text_column: str = "text",
     doc_column: str | None = None,
     whole_word_masking: bool = False,
+    eval_fraction: float = 0.0,
+    eval_data=None,
+    eval_batch_size: int | None = None,
 ):
     """Build the pretraining data; returns ``(tokenizer, loader)``.
 
@@ -214,6 +263,11 @@ def load_data(
     text_column: the column holding the text in hub datasets and .jsonl / .parquet files.
     doc_column: rows sharing this column's value (consecutive rows) form one document, in row order; None: one
         document per row (bookcorpus: ``sentences_per_doc`` rows).
+    eval_fraction: hold out this fraction of the documents (at least 8; split by (seed, fraction) before pairs
+        are built, so no sentence is in both) as the evaluation corpus; the vocabulary is trained on the rest.
+    eval_data: other sources (same grammar as ``name``) as the evaluation corpus instead.
+    eval_batch_size: per rank (default ``2 * batch_size``); it shrinks to give at least 4 batches per rank.
+        The returned loader's ``eval_loader`` is an :class:`EvalLoader` (fixed masks), or None without evaluation.
     whole_word_masking: mask whole words (a token and its following ``##`` pieces) instead of single tokens.
     sentences_per_doc: N consecutive rows form one document, each row one sentence (.txt files are then read one
         row per line). None: 64 for bookcorpus, one document per row elsewhere.
@@ -223,20 +277,41 @@ def load_data(
 
     if max_len < 8:
         raise ValueError(f"max_len={max_len} is too short for [CLS] A [SEP] B [SEP]")
-    specs = check_sources(name, loading_ratio, hub_overrides=hub_overrides, cache_dir=cache_dir,
-                          text_column=text_column, doc_column=doc_column, sentences_per_doc=sentences_per_doc)
-    docs, docs_key = load_documents(specs, streaming=streaming, cache_dir=cache_dir, num_proc=num_proc,
-                                    hub_overrides=hub_overrides, sentences_per_doc=sentences_per_doc,
-                                    builtin_docs=builtin_docs, text_column=text_column, doc_column=doc_column)
-    tok = _get_tokenizer(tokenizer, docs, docs_key, vocab_size, output_dir, cache_dir)
-    tokens, tokens_key = tokenize_documents(docs, tok, docs_key, cache_dir=cache_dir, num_proc=num_proc)
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) \
+            or not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"eval_fraction={eval_fraction!r}", "the held-out fraction must be in [0, 1)",
+                        "Use e.g. --eval-fraction 0.01, or 0 for no held-out split.")
+    if eval_data and eval_fraction:
+        raise DataError(f"eval_fraction={eval_fraction} with eval_data={eval_data!r}",
+                        "evaluation takes either held-out documents or another corpus, not both",
+                        "Give --eval-fraction 0 with --eval-data, or leave --eval-data out.")
+    if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
+                                        or eval_batch_size < 1):
+        raise DataError(f"eval_batch_size={eval_batch_size!r}", "it must be a positive integer",
+                        "Use e.g. --eval-batch-size 64, or leave it unset (twice the batch size).")
+    src_kw = dict(hub_overrides=hub_overrides, cache_dir=cache_dir, text_column=text_column, doc_column=doc_column,
+                  sentences_per_doc=sentences_per_doc)
+    specs = check_sources(name, loading_ratio, **src_kw)
+    eval_specs = check_sources(eval_data, 1.0, **src_kw) if eval_data else None
+    load_kw = dict(streaming=streaming, cache_dir=cache_dir, num_proc=num_proc, hub_overrides=hub_overrides,
+                   sentences_per_doc=sentences_per_doc, builtin_docs=builtin_docs, text_column=text_column,
+                   doc_column=doc_column)
+    docs, docs_key = load_documents(specs, **load_kw)
     what = f"load_data({name!r}, loading_ratio={loading_ratio})"
+    eval_docs = eval_key = None
+    if eval_fraction:
+        docs, docs_key, eval_docs, eval_key = split_documents(docs, docs_key, eval_fraction, seed, what)
+    elif eval_specs:
+        eval_docs, eval_key = load_documents(eval_specs, **load_kw)
+    tok = _get_tokenizer(tokenizer, docs, docs_key, vocab_size, output_dir, cache_dir)  # training documents only
+    tokens, tokens_key = tokenize_documents(docs, tok, docs_key, cache_dir=cache_dir, num_proc=num_proc)
     if len(tokens) < 2:
         raise DataError(what, f"the corpus has {len(tokens)} document(s) with text; next-sentence prediction "
                         "needs at least 2 (random segments come from a different document)",
                         "Give more text (documents are separated by blank lines in .txt files) or a larger ratio.")
-    pairs = build_pairs(tokens, tokens_key, tok, max_len=max_len, short_seq_prob=short_seq_prob, seed=seed,
-                        dupe_factor=dupe_factor, cache_dir=cache_dir, num_proc=num_proc)
+    pair_kw = dict(max_len=max_len, short_seq_prob=short_seq_prob, seed=seed, dupe_factor=dupe_factor,
+                   cache_dir=cache_dir, num_proc=num_proc)
+    pairs = build_pairs(tokens, tokens_key, tok, **pair_kw)
     if len(pairs) == 0:
         raise DataError(what, "no sentence pair could be built from the corpus", "Give longer documents.")
     share = check_nsp_balance(pairs, tokens, what)
@@ -250,6 +325,22 @@ def load_data(
     if len(loader) == 0:
         raise DataError(what, f"{len(pairs)} pairs make no full batch of {batch_size} x {world_size} ranks",
                         "Use a smaller batch size or more data.")
+    loader.eval_loader = None
+    if eval_docs is not None:
+        ewhat = f"evaluation data {eval_data!r}" if eval_data else f"{what} held-out documents"
+        etokens, etokens_key = tokenize_documents(eval_docs, tok, eval_key, cache_dir=cache_dir, num_proc=num_proc)
+        if len(etokens) < 2:
+            raise DataError(ewhat, f"it has {len(etokens)} document(s) with text; NSP pairs need at least 2",
+                            "Give a larger --eval-fraction or more --eval-data.")
+        epairs = build_pairs(etokens, etokens_key, tok, **pair_kw)
+        ebs = min(eval_batch_size or 2 * batch_size, len(epairs) // (MIN_EVAL_BATCHES * world_size))
+        if ebs < 1:
+            raise DataError(ewhat, f"it gives {len(epairs)} sentence pairs, fewer than {MIN_EVAL_BATCHES} batches x "
+                            f"{world_size} rank(s) of one pair", "Give a larger --eval-fraction or more --eval-data.")
+        loader.eval_loader = EvalLoader(epairs, collator, batch_size=ebs, seed=seed, rank=rank,
+                                        world_size=world_size, pin_memory=pin_memory, documents=etokens)
+        log.info("%s: %d documents, %d pairs, %d eval batches of %d per rank", ewhat, len(etokens), len(epairs),
+                 len(loader.eval_loader), ebs)
     log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
     loader.tokenizer = tok
     loader.documents = tokens
@@ -286,6 +377,26 @@ def check_nsp_balance(pairs, tokens, what: str) -> float:
                   f"{lo:.0%}-{hi:.0%}: {why}.", NSPBalanceWarning, stacklevel=3)
     log.warning("%s: %.1f%% of the NSP pairs are is_next: %s", what, 100 * share, why)
     return share
+
+
+def split_documents(docs, docs_key: str, fraction: float, seed: int, what: str = "load_data"):
+    """Hold out whole documents: ``max(8, ceil(fraction * n))`` of them, chosen by a generator seeded by
+    ``seed`` alone; both parts keep corpus order. -> (train docs, train key, eval docs, eval key). The split
+    depends only on the corpus, the seed and the fraction (not on batch size, ranks or whether evaluation runs).
+    """
+    n = len(docs)
+    n_eval = max(MIN_EVAL_DOCS, math.ceil(fraction * n))
+    if n - n_eval < 2:
+        raise DataError(f"{what} with eval_fraction={fraction}", f"holding out {n_eval} of its {n} documents leaves "
+                        f"{n - n_eval} to train on", "Give more documents, or evaluate on other data (--eval-data).")
+    rng = np.random.Generator(np.random.PCG64([seed, 0x5E1D_0C5]))
+    held = np.zeros(n, dtype=bool)
+    held[rng.permutation(n)[:n_eval]] = True
+    train_idx, eval_idx = np.flatnonzero(~held), np.flatnonzero(held)
+    from .sources import _hash
+
+    key = [docs_key, "split", seed, float(fraction), MIN_EVAL_DOCS]
+    return docs.select(train_idx), _hash(key + ["train"]), docs.select(eval_idx), _hash(key + ["eval"])
 
 
 def _get_tokenizer(tokenizer, docs, docs_key: str, vocab_size: int, output_dir, cache_dir):
