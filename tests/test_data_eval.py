@@ -135,3 +135,13 @@ def test_eval_data_corpus_and_bad_eval_arguments(corpus, tmp_path):
     tiny.write_text("One.\n\nTwo.\n")  # at most one pair per document
     with pytest.raises(DataError, match=r"evaluation data.*tiny\.txt.*fewer than 4 batches"):
         load_data(str(corpus / "c.txt"), eval_data=str(tiny), **_kw(corpus, dupe_factor=1))
+
+
+@pytest.mark.parametrize("arg, value", [("seed", -1), ("seed", 1e23), ("seed", 2**64), ("batch_size", "8"),
+                                        ("max_len", 4), ("mlm_probability", 0), ("short_seq_prob", 1.5)])
+def test_bad_numbers_refused_before_any_work(arg, value, monkeypatch):
+    from bertfast.data import sources
+
+    monkeypatch.setattr(sources, "load_documents", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(DataError, match=rf"load_data\({arg}=.*{arg} must be"):
+        load_data("builtin", **{arg: value})

@@ -177,7 +177,7 @@ def test_offline_hub_source_not_cached_is_one_clear_error(tmp_path, kw, offline,
         ("bookcorpus", r"'bookcorpus'.*bookcorpus/bookcorpus"),
     ]:
         with pytest.raises(DataError, match=pattern + r".*not in the datasets cache.*HF_HUB_OFFLINE=1.*"
-                           r"Pre-download.*datasets\.load_dataset\(.*--data builtin") as e:
+                           r"Pre-download.*download_sources\(.*--data builtin") as e:
             check_sources(spec, cache_dir=kw["cache_dir"])
         assert "\n" not in str(e.value)
         with pytest.raises(DataError, match=pattern):
@@ -257,6 +257,13 @@ def test_script_era_dataset_retried_on_parquet_conversion(tmp_path, kw, hub, cap
     assert [c[2].get("revision") for c in hub.calls] == [None, sources.PARQUET_REVISION]
     assert len(loader.documents) == 90 // 64 + 1  # 90 rows, 64 sentences per document, as before
     assert [len(d) for d in loader.documents["tokens"]] == [64, 26]
+    # the pre-download helper that the offline error names takes the same route
+    from bertfast.data import download_sources
+
+    hub.calls.clear()
+    assert download_sources(f"bookcorpus builtin {tmp_path / 'bc.parquet'}", cache_dir=kw["cache_dir"]) == [
+        "bookcorpus/bookcorpus"]
+    assert [c[2].get("revision") for c in hub.calls] == [None, sources.PARQUET_REVISION]
 
 
 def test_script_era_dataset_without_conversion_says_what_to_do(tmp_path, kw, hub):

@@ -10,12 +10,12 @@ from .errors import DataError, DataNotFoundError, NSPBalanceWarning
 from .loader import PretrainingLoader, load_data
 from .masking import continuation_table, default_max_predictions, mask_tokens, word_ids_from_pieces
 from .sentences import split_sentences
-from .sources import check_sources
+from .sources import check_sources, download_sources
 
 DataCollator = PretrainingCollator  # short alias
 
 __all__ = [
     "Batch", "DataCollator", "DataError", "DataNotFoundError", "NSPBalanceWarning", "PretrainingCollator", "PretrainingLoader",
-    "check_sources", "continuation_table", "default_max_predictions", "load_data", "mask_tokens", "sample_seed",
+    "check_sources", "continuation_table", "default_max_predictions", "download_sources", "load_data", "mask_tokens", "sample_seed",
     "split_sentences", "word_ids_from_pieces",
 ]

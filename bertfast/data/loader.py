@@ -275,8 +275,18 @@ def load_data(
     from .pairs import build_pairs, tokenize_documents
     from .sources import check_sources, load_documents
 
-    if max_len < 8:
-        raise ValueError(f"max_len={max_len} is too short for [CLS] A [SEP] B [SEP]")
+    for arg, value, lo, hi in (("seed", seed, 0, 2**63 - 1), ("batch_size", batch_size, 1, None),
+                               ("max_len", max_len, 8, None), ("vocab_size", vocab_size, 6, None),
+                               ("dupe_factor", dupe_factor, 1, None), ("num_workers", num_workers, 0, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            raise DataError(f"load_data({arg}={value!r})", f"{arg} must be an integer in [{lo}, {hi or 'inf'}]"
+                            + (" ([CLS] A [SEP] B [SEP] needs room)" if arg == "max_len" else ""),
+                            f"Pass a whole number (--{arg.replace('_', '-')}).")
+    for arg, value, lo_open in (("mlm_probability", mlm_probability, True), ("short_seq_prob", short_seq_prob, False)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                (0 < value if lo_open else 0 <= value) and value <= 1):
+            raise DataError(f"load_data({arg}={value!r})", f"{arg} must be a number in {'(0' if lo_open else '[0'}, 1]",
+                            "E.g. 0.15 for mlm_probability, 0.1 for short_seq_prob.")
     if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) \
             or not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"eval_fraction={eval_fraction!r}", "the held-out fraction must be in [0, 1)",

@@ -270,12 +270,28 @@ def hub_is_cached(spec: SourceSpec, cache_dir=None) -> bool:
 
 
 def predownload_command(spec: SourceSpec, cache_dir=None) -> str:
-    args = [repr(spec.path)] + ([repr(spec.config)] if spec.config else []) + ["split='train'"]
-    if spec.revision:
-        args.append(f"revision={spec.revision!r}")
-    if cache_dir:
-        args.append(f"cache_dir={cache_dir!r}")
-    return f'python -c "import datasets; datasets.load_dataset({", ".join(args)})"'
+    args = [repr(spec.name)] + ([f"cache_dir={cache_dir!r}"] if cache_dir else [])
+    return f'python -c "from bertfast.data import download_sources; download_sources({", ".join(args)})"'
+
+
+def download_sources(name, *, cache_dir=None, num_proc=None) -> list[str]:
+    """Download and prepare the hub sources among ``name`` (same grammar as ``load_data``) into the ``datasets``
+    cache, with the script-era retry of ``load_data``, so that a later run loads them offline. Local and built-in
+    sources are skipped. Returns the hub ids prepared."""
+    done = []
+    for s in parse_sources(name):
+        if s.kind == "hub":
+            try:
+                _load_hub_dataset(s, {}, streaming=False, cache_dir=cache_dir, num_proc=num_proc)
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(f"download_sources({s.name!r}) ({s.hub_label})",
+                                f"the download failed ({type(e).__name__}: {e})",
+                                "Check the network, the name, config and revision on the hub.") from e
+            log.info("%s: %s is in the datasets cache (%s)", s.name, s.path, hub_cache_root(cache_dir))
+            done.append(s.path)
+    return done
 
 
 def _is_script_error(e: BaseException) -> bool:
