@@ -122,29 +122,35 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_lerp_(m, grads, 1 - b1)  # m = b1 m + (1 - b1) g
         torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, grads, grads, 1 - b2)  # v = b2 v + (1 - b2) g^2
+        del grads  # the pre-normalised copies, if any, are not needed any more
 
-        # u = m_hat / (sqrt(v_hat) + eps), computed in one temporary: denom = sqrt(v) / sqrt(1 - b2^t) + eps,
-        # u = (1 / denom) * m / (1 - b1^t)
-        u = torch._foreach_sqrt(v)
+        # u = m_hat / (sqrt(v_hat) + eps) = m / (sqrt(v) (1 - b1^t) / sqrt(1 - b2^t) + eps (1 - b1^t)): the bias
+        # corrections folded into the denominator, so the direction takes four passes over memory
+        denom = torch._foreach_sqrt(v)
         if group["bias_correction"]:
-            torch._foreach_div_(u, [math.sqrt(1 - b2 ** t) for t in steps])
-        torch._foreach_add_(u, eps)
-        torch._foreach_reciprocal_(u)
-        torch._foreach_mul_(u, m)
-        if group["bias_correction"]:
-            torch._foreach_div_(u, [1 - b1 ** t for t in steps])
+            bc1 = [1 - b1 ** t for t in steps]
+            torch._foreach_mul_(denom, [c / math.sqrt(1 - b2 ** t) for c, t in zip(bc1, steps)])
+            torch._foreach_add_(denom, [eps * c for c in bc1])
+        else:
+            torch._foreach_add_(denom, eps)
+        u = torch._foreach_div(m, denom)
+        del denom
         if wd != 0:
             torch._foreach_add_(u, params, alpha=wd)  # decoupled weight decay joins the direction (and its norm)
 
-        # per-tensor trust ratio ||w|| / ||u|| (1 when either norm is 0), on the tensors the group selects
+        # w -= lr r u with the per-tensor trust ratio r = ||w|| / ||u|| (1 when either norm is 0) on the tensors
+        # the group selects, r = 1 on the others
         sel = _trust_ratio_tensors(group["trust_ratio"], params)
+        rest = sorted(set(range(len(params))) - set(sel))
+        if rest:
+            torch._foreach_add_([params[i] for i in rest], [u[i] for i in rest], alpha=-lr)
         if sel:
+            p_sel, u_sel = [params[i] for i in sel], [u[i] for i in sel]
             acc = torch.promote_types(params[0].dtype, torch.float32)  # float32 norms for bf16 / fp16 tensors
-            w_norm = torch.stack(torch._foreach_norm([params[i] for i in sel])).to(acc)
-            u_norm = torch.stack(torch._foreach_norm([u[i] for i in sel])).to(acc)
+            w_norm = torch.stack(torch._foreach_norm(p_sel)).to(acc)
+            u_norm = torch.stack(torch._foreach_norm(u_sel)).to(acc)
             ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-            torch._foreach_mul_([u[i] for i in sel], list(ratio.unbind(0)))
-        torch._foreach_add_(params, u, alpha=-lr)
+            torch._foreach_addcmul_(p_sel, u_sel, list(ratio.unbind(0)), value=-lr)
 
 
 def _trust_ratio_tensors(option, params) -> list[int]:
