@@ -54,3 +54,8 @@ def test_data_loader_throughput(benchmark):
 def test_data_loader_throughput_workers_grouped(benchmark):
     """Two worker processes and length-grouped batches (less padding)."""
     _time(benchmark, _loader(num_workers=2, group_by_length=True), "builtin loader, num_workers=2, grouped")
+
+
+def test_data_loader_throughput_whole_word(benchmark):
+    """Whole-word masking: the words of each row are chosen in a per-row loop (numpy), the rest as by default."""
+    _time(benchmark, _loader(whole_word_masking=True), "builtin loader, num_workers=0, whole-word masking")
