@@ -231,6 +231,9 @@ def test_hub_doc_column_groups_rows_in_order(tmp_path, kw, hub):
     assert [len(d) for d in streamed.documents["tokens"]] == [5, 6, 7, 8, 8]  # the first 34 rows of the 68
     _, half = load_data("hub:someone/bookcorpus-clean:0.5", doc_column="doc_id", **kw)
     assert list(half.documents["tokens"]) == list(streamed.documents["tokens"])
+    for streaming in (False, True):
+        with pytest.raises(DataError, match=r"no doc column 'book'.*\['text', 'doc_id', 'sent_id'\]"):
+            load_data("hub:someone/bookcorpus-clean", doc_column="book", streaming=streaming, **kw)
 
 
 def test_wikipedia_other_language_config(tmp_path, kw, hub):

@@ -35,7 +35,8 @@ BOOKCORPUS_SENTENCES_PER_DOC = 64  # the hub bookcorpus has no book boundary: th
 KNOWN_TRAIN_ROWS = {"bookcorpus/bookcorpus": 74_004_228, ("wikimedia/wikipedia", "20231101.en"): 6_407_814}
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 PARQUET_REVISION = "refs/convert/parquet"  # the hub's automatic parquet conversion of every public dataset
-SNIFF_BYTES = 1 << 20  # check_sources reads this much of each text file for its encoding
+SNIFF_BYTES = 1 << 20  # check_sources reads this much of each text file for its encoding ...
+SNIFF_TOTAL = 64 << 20  # ... and at most this much in all (many files: less of each, at least 4 KiB)
 KNOWN_NAMES = "'builtin', 'bookcorpus', 'wikipedia[:CONFIG]', 'hub:ORG/NAME[:CONFIG][@REVISION]'"
 
 
@@ -217,7 +218,11 @@ def _use_text_column(ds, what: str, text_column: str, doc_column: str | None):
     if text_column not in ds.column_names:
         raise DataError(what, f"it has no text column {text_column!r} (columns: {ds.column_names})",
                         "Name the column that holds the text with text_column= / --text-column.")
-    keep = [text_column] + ([doc_column] if doc_column and doc_column in ds.column_names else [])
+    if doc_column and doc_column not in ds.column_names:
+        raise DataError(what, f"it has no doc column {doc_column!r} (columns: {ds.column_names})",
+                        "Name an existing column with doc_column= / --doc-column, or leave it unset for one "
+                        "document per row.")
+    keep = [text_column] + ([doc_column] if doc_column else [])
     ds = ds.select_columns(keep)
     if text_column != "text":
         if "text" in ds.column_names:
@@ -379,9 +384,10 @@ def load_hub(spec: SourceSpec, *, streaming: bool = False, cache_dir=None, num_p
             ids, (path, name, rev, data_files) = _load_hub_dataset(spec, override, streaming=True,
                                                                     cache_dir=cache_dir, num_proc=num_proc)
             total = _stream_rows(ids, path, name, data_files) if ratio < 1.0 else None
-            if text_column not in (ids.column_names or [text_column]):
-                raise DataError(asked, f"it has no text column {text_column!r} (columns: {ids.column_names})",
-                                "Name the column that holds the text with text_column= / --text-column.")
+            for what_col, col in (("text", text_column), ("doc", doc_column)):
+                if col is not None and col not in (ids.column_names or [col]):
+                    raise DataError(asked, f"it has no {what_col} column {col!r} (columns: {ids.column_names})",
+                                    f"Name an existing column with {what_col}_column= / --{what_col}-column.")
             stream = ids.select_columns([text_column] + ([doc_column] if doc_column else []))
             if total is not None:
                 stream = stream.take(max(1, math.ceil(ratio * total)))
@@ -588,7 +594,8 @@ def check_sources(name, loading_ratio: float = 1.0, *, hub_overrides: dict | Non
     (:class:`DataNotFoundError`, also a ``FileNotFoundError``); an unsupported file type; a file whose first
     ``sniff_bytes`` are binary or not UTF-8 (parquet: no parquet magic); a parquet / jsonl file without the
     text or doc column; a hub source that is not in the ``datasets`` cache while the hub cannot be used
-    (``HF_HUB_OFFLINE=1`` or no network). Reads no dataset.
+    (``HF_HUB_OFFLINE=1`` or no network). Reads no dataset; with many files, less of each (64 MiB in all,
+    at least 4 KiB a file): a bad byte further in is found when the file is loaded.
     """
     if not isinstance(text_column, str) or not text_column:
         raise DataError(f"text_column={text_column!r}", "the text column must be a non-empty column name",
@@ -605,10 +612,14 @@ def check_sources(name, loading_ratio: float = 1.0, *, hub_overrides: dict | Non
                         "documents are formed either by a doc column or by a row count, not both",
                         "Give one of --doc-column / --sentences-per-doc.")
     specs = parse_sources(name, loading_ratio)
+    files = {s.name: local_files(s.path) for s in specs if s.kind == "local"}
+    n_files = sum(len(f) for f in files.values())
+    if sniff_bytes is not None and n_files:
+        sniff_bytes = max(min(sniff_bytes, 4096), min(sniff_bytes, SNIFF_TOTAL // n_files))
     offline = "unknown"
     for s in specs:
         if s.kind == "local":
-            for f in local_files(s.path):
+            for f in files[s.name]:
                 check_file_encoding(f, sniff_bytes)
                 _check_local_columns(f, text_column, doc_column)
         elif s.kind == "hub" and _override_for(hub_overrides, s) is None:
