@@ -4,7 +4,6 @@ words, `##` continuation pieces and single-character fallbacks, as in Google's r
 from __future__ import annotations
 
 import math
-import os
 import string
 
 import pytest
