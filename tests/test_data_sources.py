@@ -152,6 +152,17 @@ def test_bad_encodings_name_the_file_and_the_byte(tmp_path, kw):
         sources.load_local(sources.parse_sources(str(late))[0], cache_dir=kw["cache_dir"])
 
 
+def test_sniffing_many_files_stays_cheap(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "SNIFF_TOTAL", 8 * 4096)
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(16):
+        (d / f"{i:02d}.txt").write_bytes(b"Fine text. " * 600 + (b"\xff" if i == 15 else b""))  # bad at 6600
+    check_sources(str(d))  # 16 files: 4 KiB of each is read
+    with pytest.raises(DataError, match=r"15\.txt.*0xff at byte offset 6600"):
+        check_sources(str(d / "15.txt"))  # one file: its first MiB
+
+
 # ------------------------------------------------------------------------------------------------ offline
 
 
