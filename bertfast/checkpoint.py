@@ -62,13 +62,15 @@ class CheckpointSaveError(RuntimeError):
 class DiskFullError(CheckpointSaveError):
     """No space left on the device while (or before) writing a checkpoint."""
 
-    def __init__(self, directory: str, needed_bytes: int, free_bytes: int | None):
+    def __init__(self, directory: str, needed_bytes: int, free_bytes: int | None, corrupt_bytes: int = 0):
         self.directory, self.needed_bytes, self.free_bytes = directory, needed_bytes, free_bytes
         free = f", {free_bytes / _MB:.0f} MB free" if free_bytes is not None else ""
+        aside = (f" ({os.path.join(directory, CORRUPT_DIR)} holds {corrupt_bytes / _MB:.0f} MB of corrupt checkpoints "
+                 "moved aside)" if corrupt_bytes else "")
         super().__init__(f"no space left on device in {directory} (the checkpoint needs about "
                          f"{max(1, round(needed_bytes / _MB))} MB{free}); the partial checkpoint was removed and the "
-                         "earlier checkpoints are intact. Free some space (or keep fewer checkpoints) and continue "
-                         "with --resume.")
+                         f"earlier checkpoints are intact. Free some space{aside} or keep fewer checkpoints, and "
+                         "continue with --resume.")
 
 
 class CheckpointWarning(UserWarning):
@@ -431,7 +433,7 @@ def save_checkpoint(output_dir: str, step: int, model, config_dict: dict, state:
         need += _tree_bytes(tokenizer)
     free = _free_bytes(root)
     if free is not None and free < need:  # `need` is a lower bound of the files' size: this save cannot fit
-        raise DiskFullError(root, need, free)
+        raise DiskFullError(root, need, free, _tree_bytes(os.path.join(root, CORRUPT_DIR)))
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:
@@ -459,7 +461,7 @@ def save_checkpoint(output_dir: str, step: int, model, config_dict: dict, state:
         free_now, written = _free_bytes(root), _tree_bytes(tmp)  # measured before the partial folder goes
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and _is_disk_full(e, free_now, need - written):
-            raise DiskFullError(root, need, free_now) from e
+            raise DiskFullError(root, need, free_now, _tree_bytes(os.path.join(root, CORRUPT_DIR))) from e
         raise
     _install(root, name, tmp, log)
     try:

@@ -403,3 +403,14 @@ def test_no_warning_without_corrupt_checkpoints(tmp_path):
         for s in (2, 4, 6):
             save(tmp_path, s, keep=2)
     assert steps(tmp_path) == [6, 4] and aside(tmp_path) == []
+
+
+def test_full_disk_message_points_at_corrupt_checkpoints_set_aside(tmp_path, monkeypatch):
+    save(tmp_path, 4)
+    save(tmp_path, 8)
+    corrupt(tmp_path / "checkpoints" / "step_00000008")
+    with pytest.warns(ckpt.CheckpointWarning):
+        ckpt.prune_checkpoints(str(tmp_path), 3)
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda p: 0)
+    with pytest.raises(ckpt.DiskFullError, match=r"Free some space \(.*corrupt holds \d+ MB of corrupt checkpoints"):
+        save(tmp_path, 12)
