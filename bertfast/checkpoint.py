@@ -46,7 +46,10 @@ _FILES = ("model.safetensors", "config.json", "state.pt")  # every checkpoint ha
 # leftovers of an interrupted write, each ending in the writer's process id: the temporary checkpoint folder, the
 # previous copy of a checkpoint being re-saved, `latest`'s temporary file
 _STRAY_IN_ROOT = re.compile(r"^(?:\.tmp-step_\d+|\.old-step_\d+|latest\.tmp)-(\d+)$")
-_STRAY_FILE = re.compile(r"^.+\.tmp-(\d+)$")  # atomic_write_bytes' temporary files beside the run's files
+_STRAY_FILE = re.compile(r"^(.+)\.tmp-(\d+)$")  # atomic_write_bytes' temporary files beside the run's files
+# the run's own files whose temporaries may be cleaned at the top of an output folder (which may also hold the
+# user's files: only these names are touched there)
+RUN_FILES = ("metrics.jsonl", "train_config.json", "model_config.json", TOKENIZER_DIR)
 _MB = 1 << 20
 
 
@@ -152,28 +155,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(output_dir: str) -> list[str]:
-    """Remove what interrupted writes left behind: ``checkpoints/.tmp-step_*-PID`` folders (partial checkpoints,
-    which can be as big as a checkpoint), ``checkpoints/.old-step_*-PID`` and ``checkpoints/latest.tmp-PID``, and
-    ``*.tmp-PID`` files directly in `output_dir` (atomic_write_bytes' temporaries) and ``tokenizer.tmp-PID``
-    (restore_tokenizer's), but only those whose process
-    PID is not running on this machine (never a live writer's). Returns the removed paths. Call it at the start
-    of a run (after its checks passed); pruning calls it too."""
+def remove_stale_temporaries(output_dir: str, run_files=RUN_FILES) -> list[str]:
+    """Remove what interrupted writes left behind, but only what a process that no longer runs on this machine
+    wrote (never a live writer's): in ``checkpoints/``, ``.tmp-step_*-PID`` folders (partial checkpoints, as big as
+    a checkpoint), ``.old-step_*-PID`` and ``latest.tmp-PID``; directly in `output_dir`, ``NAME.tmp-PID`` for NAME
+    in `run_files` (atomic_write_bytes' temporary files, restore_tokenizer's temporary folder), nothing else of
+    the folder. Returns the removed paths. Call it at the start of a run, after its checks passed; pruning calls
+    it too. (A PID is looked up on this machine: a writer on another host sharing the folder is not seen.)"""
     removed = []
     root = os.path.join(output_dir, CHECKPOINT_DIR)
-    for folder, pattern in ((root, _STRAY_IN_ROOT), (output_dir, _STRAY_FILE)):
+    for folder in (root, output_dir):
         try:
             names = os.listdir(folder)
         except OSError:
             continue
         for name in names:
-            m = pattern.match(name)
-            path = os.path.join(folder, name)
-            if not m or _pid_alive(int(m.group(1))):
+            if folder == root:
+                m = _STRAY_IN_ROOT.match(name)
+                pid = int(m.group(1)) if m else 0
+            else:
+                m = _STRAY_FILE.match(name)
+                pid = int(m.group(2)) if m and m.group(1) in run_files else 0
+            if not pid or _pid_alive(pid):
                 continue
+            path = os.path.join(folder, name)
             if os.path.isdir(path) and not os.path.islink(path):
-                if folder == output_dir and not name.startswith(TOKENIZER_DIR + ".tmp-"):
-                    continue  # at the top level only restore_tokenizer's temporary folder is ours
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 try:

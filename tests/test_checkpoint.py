@@ -299,13 +299,14 @@ def test_remove_stale_temporaries_spares_live_writers(tmp_path):
         for d in alive:
             d.mkdir()
         (root / f"latest.tmp-{live.pid}").write_text("step_00000012\n")
-        mine = tmp_path / f"notes.tmp-{dead}"  # a folder at the top level that is not ours
-        mine.mkdir()
+        mine = [tmp_path / f"notes.tmp-{dead}", tmp_path / f"backup.tmp-{dead}"]  # the user's, not ours
+        mine[0].mkdir()
+        mine[1].write_text("keep me")
         removed = ckpt.remove_stale_temporaries(str(tmp_path))
         assert sorted(removed) == sorted(str(p) for p in stale + [root / f"latest.tmp-{dead}",
                                                                   tmp_path / f"metrics.jsonl.tmp-{dead}",
                                                                   tmp_path / f"tokenizer.tmp-{dead}"])
-        for p in alive + [root / f"latest.tmp-{live.pid}", mine, root / "step_00000004"]:
+        for p in alive + mine + [root / f"latest.tmp-{live.pid}", root / "step_00000004"]:
             assert p.exists(), p
     finally:
         live.kill()
