@@ -98,9 +98,11 @@ inline void affine_store(const acc_t* src, acc_t f, acc_t b, scalar_t* dst, int6
 //   grad = (softmax(x) - (1 - eps) onehot(t) - eps / V) / count     (the VJP of the mean loss, for grad_output 1)
 // The exps e_j = exp(x_j - m_c) go to `scratch` (one row of acc_t per thread, L2-resident), so the gradient pass
 // needs no second exp: softmax_j = e_j * exp(m_c - lse).
-template <typename scalar_t, typename acc_t>
+// grad_t is scalar_t, or float for float16 logits (see grad_dtype in ops.cpp: fp16 gradients of a mean over many
+// rows fall below fp16's smallest subnormal before the loss scale multiplies them).
+template <typename scalar_t, typename acc_t, typename grad_t>
 acc_t ce_row(const scalar_t* x, int64_t V, int64_t t, acc_t smoothing, acc_t inv_count, acc_t* scratch,
-             acc_t* chunk_max, scalar_t* grad) {
+             acc_t* chunk_max, grad_t* grad) {
   using VecA = Vectorized<acc_t>;
   constexpr int64_t W = VecA::size();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -165,17 +167,17 @@ acc_t ce_row(const scalar_t* x, int64_t V, int64_t t, acc_t smoothing, acc_t inv
     for (int64_t c0 = 0; c0 < V; c0 += kChunk, ++c) {
       const int64_t n = std::min(kChunk, V - c0);
       const acc_t f = chunk_max[c] == neg_inf ? acc_t(0) : std::exp(chunk_max[c] - lse) * inv_count;
-      affine_store<scalar_t, acc_t>(scratch + c0, f, b, grad + c0, n);
+      affine_store<grad_t, acc_t>(scratch + c0, f, b, grad + c0, n);
     }
     // the target element, from the float softmax (one rounding, as for every other element)
     const int64_t ct = t / kChunk;
     const acc_t pt = chunk_max[ct] == neg_inf ? acc_t(0) : scratch[t] * std::exp(chunk_max[ct] - lse);
-    grad[t] = static_cast<scalar_t>((pt - (acc_t(1) - smoothing)) * inv_count + b);
+    grad[t] = static_cast<grad_t>((pt - (acc_t(1) - smoothing)) * inv_count + b);
   }
   return loss;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 void ce_forward_impl(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index, double smoothing,
                      int64_t count, const at::Tensor& row_loss, const at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -184,7 +186,7 @@ void ce_forward_impl(const at::Tensor& logits, const at::Tensor& target, int64_t
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   const int64_t* tgt = target.const_data_ptr<int64_t>();
   acc_t* out = row_loss.data_ptr<acc_t>();
-  scalar_t* g = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
+  grad_t* g = grad.defined() ? grad.data_ptr<grad_t>() : nullptr;
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(count, 1));
   const acc_t eps = static_cast<acc_t>(smoothing);
   // grain: enough rows that a task holds ~32K elements (one row of a BERT vocabulary is one task)
@@ -194,13 +196,14 @@ void ce_forward_impl(const at::Tensor& logits, const at::Tensor& target, int64_t
     std::vector<acc_t> chunk_max((V + kChunk - 1) / kChunk);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = tgt[r];
-      scalar_t* gr = g ? g + r * V : nullptr;
+      grad_t* gr = g ? g + r * V : nullptr;
       if (t == ignore_index) {
         out[r] = 0;
-        if (gr) std::fill(gr, gr + V, scalar_t(0));
+        if (gr) std::fill(gr, gr + V, grad_t(0));
         continue;
       }
-      out[r] = ce_row<scalar_t, acc_t>(x + r * ld, V, t, eps, inv_count, scratch.data(), chunk_max.data(), gr);
+      out[r] = ce_row<scalar_t, acc_t, grad_t>(x + r * ld, V, t, eps, inv_count, scratch.data(), chunk_max.data(),
+                                               gr);
     }
   });
 }
@@ -231,7 +234,16 @@ void scale_impl(const at::Tensor& grad, double s) {
 void ce_forward(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index, double smoothing,
                 int64_t count, const at::Tensor& row_loss, const at::Tensor& grad) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_cross_entropy_cpu", [&] {
-    ce_forward_impl<scalar_t>(logits, target, ignore_index, smoothing, count, row_loss, grad);
+    if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      if (grad.defined() && grad.scalar_type() == at::kFloat) {
+        ce_forward_impl<scalar_t, float>(logits, target, ignore_index, smoothing, count, row_loss, grad);
+        return;
+      }
+    }
+    TORCH_CHECK(!grad.defined() || grad.scalar_type() == logits.scalar_type(),
+                "softmax_cross_entropy: internal error, gradient buffer of dtype ", grad.scalar_type(), " for ",
+                logits.scalar_type(), " logits");
+    ce_forward_impl<scalar_t, scalar_t>(logits, target, ignore_index, smoothing, count, row_loss, grad);
   });
 }
 

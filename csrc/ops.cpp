@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_kernels.h"
 
 namespace bertfast {
@@ -35,19 +36,6 @@ bool cpu_has_avx2() {
 #else
   return false;
 #endif
-}
-
-void check_gather_args(const at::Tensor& hidden, const at::Tensor& positions) {
-  TORCH_CHECK(hidden.dim() == 3, "mlm_gather: hidden must be [batch, seqlen, hidden], got shape ", hidden.sizes());
-  TORCH_CHECK(positions.dim() == 2, "mlm_gather: positions must be [batch, P], got shape ", positions.sizes());
-  TORCH_CHECK(positions.scalar_type() == at::kLong, "mlm_gather: positions must be int64, got ",
-              positions.scalar_type());
-  TORCH_CHECK(positions.size(0) == hidden.size(0), "mlm_gather: positions has batch ", positions.size(0),
-              " but hidden has batch ", hidden.size(0));
-  TORCH_CHECK(positions.device() == hidden.device(), "mlm_gather: positions is on ", positions.device(),
-              " but hidden is on ", hidden.device());
-  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "mlm_gather: hidden must be floating point, got ",
-              hidden.scalar_type());
 }
 
 // positions must lie in [-1, S): a clear error naming the slot (CPU only; CUDA asserts on the device).
@@ -87,12 +75,8 @@ at::Tensor mlm_gather_cpu(const at::Tensor& hidden_in, const at::Tensor& positio
 }
 
 at::Tensor mlm_gather_backward_cpu(const at::Tensor& grad_in, const at::Tensor& positions_in, int64_t S) {
-  TORCH_CHECK(grad_in.dim() == 2, "mlm_gather_backward: grad must be [batch * P, hidden], got ", grad_in.sizes());
-  TORCH_CHECK(positions_in.dim() == 2 && positions_in.scalar_type() == at::kLong,
-              "mlm_gather_backward: positions must be int64 [batch, P]");
+  check_gather_backward_args(grad_in, positions_in, S);
   const int64_t B = positions_in.size(0), P = positions_in.size(1), H = grad_in.size(1);
-  TORCH_CHECK(grad_in.size(0) == B * P, "mlm_gather_backward: grad has ", grad_in.size(0), " rows, expected batch*P = ",
-              B * P);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor positions = positions_in.contiguous();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
@@ -100,54 +84,41 @@ at::Tensor mlm_gather_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   // Every row of grad_hidden is written exactly once (zeros or a sum), so no separate zero-fill pass.
   at::Tensor out = at::empty({B, S, H}, grad.options());
   if (out.numel() == 0) return out;
+  // Linear in P (the model gathers from h[None], so one row can hold every prediction of the batch): the slots of
+  // each position are chained in ascending slot order, first[b * S + s] -> next[b * P + p] -> ... -> -1, and each
+  // output row sums its chain in acc_t (the same order, so the same bits, as a loop over the slots).
+  std::vector<int64_t> first(B * S, -1), next(B * P, -1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* pb = pos + b * P;
+    for (int64_t p = P - 1; p >= 0; --p) {
+      if (pb[p] < 0) continue;
+      next[b * P + p] = first[b * S + pb[p]];
+      first[b * S + pb[p]] = b * P + p;
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mlm_gather_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    // One task per batch row: every write of batch b lands in out[b], so tasks never share a row. first[s] is the
-    // first slot of batch b holding position s (-1: none); the row is the acc_t sum of all slots holding s.
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    // one task per range of output rows: every output row is written by exactly one task
+    at::parallel_for(0, B * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(H);
-      std::vector<int64_t> first(S);
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t* pb = pos + b * P;
-        std::fill(first.begin(), first.end(), int64_t(-1));
-        for (int64_t p = P - 1; p >= 0; --p) {
-          if (pb[p] >= 0) first[pb[p]] = p;
+      for (int64_t row = begin; row < end; ++row) {
+        scalar_t* orow = o + row * H;
+        if (first[row] < 0) {
+          std::memset(orow, 0, H * sizeof(scalar_t));
+          continue;
         }
-        for (int64_t s = 0; s < S; ++s) {
-          scalar_t* orow = o + (b * S + s) * H;
-          if (first[s] < 0) {
-            std::memset(orow, 0, H * sizeof(scalar_t));
-            continue;
-          }
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t q = first[s]; q < P; ++q) {
-            if (pb[q] != s) continue;
-            const scalar_t* gq = g + (b * P + q) * H;
-            for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(gq[h]);
-          }
-          for (int64_t h = 0; h < H; ++h) orow[h] = static_cast<scalar_t>(acc[h]);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t q = first[row]; q >= 0; q = next[q]) {
+          const scalar_t* gq = g + q * H;
+          for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(gq[h]);
         }
+        for (int64_t h = 0; h < H; ++h) orow[h] = static_cast<scalar_t>(acc[h]);
       }
     });
   });
   return out;
-}
-
-void check_ce_args(const at::Tensor& logits, const at::Tensor& target, double label_smoothing) {
-  TORCH_CHECK(logits.dim() == 2, "softmax_cross_entropy: logits must be [N, vocab], got shape ", logits.sizes());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "softmax_cross_entropy: target must be [N] with N = ",
-              logits.size(0), " (rows of logits), got shape ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "softmax_cross_entropy: target must be int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), "softmax_cross_entropy: target is on ", target.device(),
-              " but logits is on ", logits.device());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "softmax_cross_entropy: logits must be floating point, got ",
-              logits.scalar_type());
-  TORCH_CHECK(logits.size(1) > 0 || logits.size(0) == 0, "softmax_cross_entropy: vocab size must be > 0");
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "softmax_cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
@@ -168,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& l
     ++count;
   }
   at::Tensor row_loss = at::empty({N}, logits.options().dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty({N, V}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad = compute_grad ? at::empty({N, V}, logits.options().dtype(grad_dtype(logits.scalar_type())))
+                                 : at::empty({0}, logits.options());
   if (N > 0) {
     if (cpu_has_avx2()) {
       cpu_avx2::ce_forward(logits, target, ignore_index, label_smoothing, count, row_loss,
@@ -184,8 +156,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& l
 }
 
 void softmax_cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
-  TORCH_CHECK(grad_output.numel() == 1, "softmax_cross_entropy_scale_grad_: grad_output must have one element");
-  TORCH_CHECK(grad.is_contiguous(), "softmax_cross_entropy_scale_grad_: grad_logits must be contiguous");
+  check_scale_grad_args(grad, grad_output);
   if (grad.numel() == 0) return;
   const double s = grad_output.item<double>();
   if (s == 1.0) return;  // the usual case (loss.backward() in fp32): the forward already wrote d loss / d logits

@@ -12,6 +12,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "checks.h"
 
 namespace bertfast {
 namespace {
@@ -48,27 +51,29 @@ __global__ void mlm_gather_kernel(const char* __restrict__ src, char* __restrict
 }
 
 // grad_hidden[b, s] = sum over slots p of batch b with positions[b, p] == s of grad[b*P + p] (float accumulation).
-// One block per slot; the block of the first slot holding a position writes that row, the others exit, so the
-// result is deterministic (no atomics) and each row is written once. grad_hidden is zero-filled before.
+// Linear in P: `sorted` / `order` are each batch row's positions stably sorted (at::sort), so the slots holding one
+// position form a run, in ascending slot order. One block per sorted slot; the block at the head of a run sums the
+// run's rows of grad and writes the row once, the others exit. Deterministic (no atomics; the same summation order
+// as the CPU kernel). grad_hidden is zero-filled before.
 template <typename scalar_t>
-__global__ void mlm_gather_backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ pos,
-                                           scalar_t* __restrict__ out, int64_t P, int64_t S, int64_t H) {
+__global__ void mlm_gather_backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted,
+                                           const int64_t* __restrict__ order, scalar_t* __restrict__ out, int64_t P,
+                                           int64_t S, int64_t H) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = blockIdx.x;
   const int64_t b = i / P, p = i % P;
-  const int64_t* pb = pos + b * P;
-  const int64_t s = pb[p];
+  const int64_t* sb = sorted + b * P;
+  const int64_t* ob = order + b * P;
+  const int64_t s = sb[p];
   CUDA_KERNEL_ASSERT(s >= -1 && s < S && "mlm_gather_backward: positions must be -1 or in [0, seqlen)");
-  if (s < 0) return;
-  for (int64_t q = 0; q < p; ++q) {
-    if (pb[q] == s) return;  // an earlier slot owns this row
-  }
+  if (s < 0 || (p > 0 && sb[p - 1] == s)) return;  // unused slot, or not the head of its run
+  int64_t end = p + 1;
+  while (end < P && sb[end] == s) ++end;
   scalar_t* orow = out + (b * S + s) * H;
+  const scalar_t* gb = grad + b * P * H;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     acc_t acc = 0;
-    for (int64_t q = p; q < P; ++q) {
-      if (pb[q] == s) acc += static_cast<acc_t>(grad[(b * P + q) * H + h]);
-    }
+    for (int64_t q = p; q < end; ++q) acc += static_cast<acc_t>(gb[ob[q] * H + h]);
     orow[h] = static_cast<scalar_t>(acc);
   }
 }
@@ -116,10 +121,11 @@ __device__ __forceinline__ void lse_add(LseState& st, float x) {
 //   pass 2 (when grad is wanted) writes grad = (softmax - (1 - eps) onehot(t) - eps / V) / count, the gradient for
 //          grad_output = 1, re-reading the row (mostly from L2, which the row just went through).
 // Ignored rows get loss 0 and a zero gradient row. count = number of kept rows, read from device memory.
-template <typename scalar_t, int VEC, int TPR, int BLOCK, int UNROLL>
+// grad_t: scalar_t, or float for half logits (see grad_dtype in checks.h).
+template <typename scalar_t, typename grad_t, int VEC, int TPR, int BLOCK, int UNROLL>
 __global__ void __launch_bounds__(BLOCK)
     ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
-                      const int64_t* __restrict__ count, float* __restrict__ row_loss, scalar_t* __restrict__ grad,
+                      const int64_t* __restrict__ count, float* __restrict__ row_loss, grad_t* __restrict__ grad,
                       int64_t N, int64_t V, int64_t ld, int64_t ignore_index, float eps) {
   constexpr int ROWS = BLOCK / TPR;
   constexpr int WARPS_PER_ROW = TPR / kWarp;
@@ -133,12 +139,12 @@ __global__ void __launch_bounds__(BLOCK)
   if (!active) return;
 
   const scalar_t* x = logits + r * ld;
-  scalar_t* g = grad == nullptr ? nullptr : grad + r * V;
+  grad_t* g = grad == nullptr ? nullptr : grad + r * V;
   const int64_t t = target[r];
   if (t == ignore_index) {
     if (lane == 0) row_loss[r] = 0.f;
     if (g != nullptr) {
-      for (int64_t j = lane; j < V; j += TPR) g[j] = scalar_t(0);
+      for (int64_t j = lane; j < V; j += TPR) g[j] = grad_t(0);
     }
     return;
   }
@@ -209,23 +215,24 @@ __global__ void __launch_bounds__(BLOCK)
   const float b = -eps / static_cast<float>(V) * inv_count;
   const float hit = (1.f - eps) * inv_count;
   auto grad_at = [&](float xj, int64_t j) { return __expf(xj - lse) * inv_count + b - (j == t ? hit : 0.f); };
-  for (int64_t j = lane; j < head; j += TPR) g[j] = static_cast<scalar_t>(grad_at(static_cast<float>(x[j]), j));
+  for (int64_t j = lane; j < head; j += TPR) g[j] = static_cast<grad_t>(grad_at(static_cast<float>(x[j]), j));
   // grad rows are contiguous (stride V), so their alignment can differ from the logits rows' (stride ld, any V)
-  const bool g_aligned = (reinterpret_cast<uintptr_t>(g + head) % sizeof(P)) == 0;
+  using PG = Pack<grad_t, VEC>;
+  const bool g_aligned = (reinterpret_cast<uintptr_t>(g + head) % sizeof(PG)) == 0;
   for (k = lane; k < nvec; k += TPR) {
     const P p = xv[k];
-    P out;
+    PG out;
     const int64_t j0 = head + k * VEC;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<scalar_t>(grad_at(static_cast<float>(p.v[e]), j0 + e));
+    for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<grad_t>(grad_at(static_cast<float>(p.v[e]), j0 + e));
     if (g_aligned) {
-      *reinterpret_cast<P*>(g + j0) = out;
+      *reinterpret_cast<PG*>(g + j0) = out;
     } else {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) g[j0 + e] = out.v[e];
     }
   }
-  for (int64_t j = tail0 + lane; j < V; j += TPR) g[j] = static_cast<scalar_t>(grad_at(static_cast<float>(x[j]), j));
+  for (int64_t j = tail0 + lane; j < V; j += TPR) g[j] = static_cast<grad_t>(grad_at(static_cast<float>(x[j]), j));
 }
 
 // grad *= grad_output[0] (float math, one rounding), 16-byte vectors over a contiguous buffer.
@@ -266,14 +273,7 @@ int max_blocks() {
 }
 
 at::Tensor mlm_gather_cuda(const at::Tensor& hidden_in, const at::Tensor& positions_in) {
-  TORCH_CHECK(hidden_in.dim() == 3, "mlm_gather: hidden must be [batch, seqlen, hidden], got ", hidden_in.sizes());
-  TORCH_CHECK(positions_in.dim() == 2 && positions_in.scalar_type() == at::kLong,
-              "mlm_gather: positions must be int64 [batch, P], got ", positions_in.scalar_type(), " ",
-              positions_in.sizes());
-  TORCH_CHECK(positions_in.size(0) == hidden_in.size(0), "mlm_gather: positions has batch ", positions_in.size(0),
-              " but hidden has batch ", hidden_in.size(0));
-  TORCH_CHECK(positions_in.device() == hidden_in.device(), "mlm_gather: positions is on ", positions_in.device(),
-              " but hidden is on ", hidden_in.device());
+  check_gather_args(hidden_in, positions_in);
   c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = hidden_in.stride(-1) == 1 ? hidden_in : hidden_in.contiguous();
   const at::Tensor positions = positions_in.contiguous();
@@ -305,30 +305,30 @@ at::Tensor mlm_gather_cuda(const at::Tensor& hidden_in, const at::Tensor& positi
 }
 
 at::Tensor mlm_gather_backward_cuda(const at::Tensor& grad_in, const at::Tensor& positions_in, int64_t S) {
-  TORCH_CHECK(grad_in.dim() == 2, "mlm_gather_backward: grad must be [batch * P, hidden], got ", grad_in.sizes());
-  TORCH_CHECK(positions_in.dim() == 2 && positions_in.scalar_type() == at::kLong,
-              "mlm_gather_backward: positions must be int64 [batch, P]");
+  check_gather_backward_args(grad_in, positions_in, S);
   const int64_t B = positions_in.size(0), P = positions_in.size(1), H = grad_in.size(1);
-  TORCH_CHECK(grad_in.size(0) == B * P, "mlm_gather_backward: grad has ", grad_in.size(0),
-              " rows, expected batch*P = ", B * P);
   c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor positions = positions_in.contiguous();
   at::Tensor out = at::zeros({B, S, H}, grad.options());
   if (out.numel() == 0 || P == 0) return out;
+  // each batch row's positions in ascending order, ties in slot order (stable): the runs the kernel sums
+  const auto sorted_order = at::sort(positions_in, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  const at::Tensor sorted = std::get<0>(sorted_order).contiguous();
+  const at::Tensor order = std::get<1>(sorted_order).contiguous();
   const int threads = static_cast<int>(std::min<int64_t>(256, ((H + 31) / 32) * 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mlm_gather_backward_cuda", [&] {
     mlm_gather_backward_kernel<scalar_t><<<static_cast<unsigned>(B * P), threads, 0,
                                            c10::cuda::getCurrentCUDAStream()>>>(
-        grad.const_data_ptr<scalar_t>(), positions.const_data_ptr<int64_t>(), out.data_ptr<scalar_t>(), P, S, H);
+        grad.const_data_ptr<scalar_t>(), sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+        out.data_ptr<scalar_t>(), P, S, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 void launch_ce_forward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& count,
-                       const at::Tensor& row_loss, scalar_t* grad, int64_t ignore_index, float eps) {
+                       const at::Tensor& row_loss, grad_t* grad, int64_t ignore_index, float eps) {
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   constexpr int VEC = 16 / sizeof(scalar_t);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -340,12 +340,12 @@ void launch_ce_forward(const at::Tensor& logits, const at::Tensor& target, const
     // small vocabulary: a warp per row, 8 rows per block
     constexpr int BLOCK = 256, TPR = 32;
     const int64_t blocks = (N + BLOCK / TPR - 1) / (BLOCK / TPR);
-    ce_forward_kernel<scalar_t, VEC, TPR, BLOCK, 2><<<static_cast<unsigned>(blocks), BLOCK, 0, stream>>>(
+    ce_forward_kernel<scalar_t, grad_t, VEC, TPR, BLOCK, 2><<<static_cast<unsigned>(blocks), BLOCK, 0, stream>>>(
         x, t, c, out, grad, N, V, ld, ignore_index, eps);
   } else {
     // large vocabulary (BERT's 30522): a block per row
     constexpr int BLOCK = 512;
-    ce_forward_kernel<scalar_t, VEC, BLOCK, BLOCK, 4><<<static_cast<unsigned>(N), BLOCK, 0, stream>>>(
+    ce_forward_kernel<scalar_t, grad_t, VEC, BLOCK, BLOCK, 4><<<static_cast<unsigned>(N), BLOCK, 0, stream>>>(
         x, t, c, out, grad, N, V, ld, ignore_index, eps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -354,28 +354,22 @@ void launch_ce_forward(const at::Tensor& logits, const at::Tensor& target, const
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cuda(const at::Tensor& logits_in,
                                                               const at::Tensor& target_in, int64_t ignore_index,
                                                               double label_smoothing, bool compute_grad) {
-  TORCH_CHECK(logits_in.dim() == 2, "softmax_cross_entropy: logits must be [N, vocab], got ", logits_in.sizes());
-  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0),
-              "softmax_cross_entropy: target must be [N] with N = ", logits_in.size(0), ", got ", target_in.sizes());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong, "softmax_cross_entropy: target must be int64, got ",
-              target_in.scalar_type());
-  TORCH_CHECK(target_in.device() == logits_in.device(), "softmax_cross_entropy: target is on ", target_in.device(),
-              " but logits is on ", logits_in.device());
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "softmax_cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(logits_in.size(1) > 0 || logits_in.size(0) == 0, "softmax_cross_entropy: vocab size must be > 0");
+  check_ce_args(logits_in, target_in, label_smoothing);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
   at::Tensor count = target.ne(ignore_index).sum();  // int64 on the device: no host sync
-  at::Tensor grad = compute_grad ? at::empty({N, V}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad = compute_grad ? at::empty({N, V}, logits.options().dtype(grad_dtype(logits.scalar_type())))
+                                 : at::empty({0}, logits.options());
   at::Tensor row_loss = at::empty({N}, logits.options().dtype(at::kFloat));
   if (N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_cross_entropy_cuda", [&] {
-      launch_ce_forward<scalar_t>(logits, target, count, row_loss, compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
-                                  ignore_index, static_cast<float>(label_smoothing));
+      using grad_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;  // grad_dtype
+      launch_ce_forward<scalar_t, grad_t>(logits, target, count, row_loss,
+                                          compute_grad ? grad.data_ptr<grad_t>() : nullptr, ignore_index,
+                                          static_cast<float>(label_smoothing));
     });
   }
   // sum of the kept rows' losses / max(count, 1): 0 when every row is ignored
@@ -384,8 +378,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cuda(const at::Tensor& 
 }
 
 void softmax_cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
-  TORCH_CHECK(grad_output.numel() == 1, "softmax_cross_entropy_scale_grad_: grad_output must have one element");
-  TORCH_CHECK(grad.is_contiguous(), "softmax_cross_entropy_scale_grad_: grad_logits must be contiguous");
+  check_scale_grad_args(grad, grad_output);
   const int64_t n = grad.numel();
   if (n == 0) return;
   c10::cuda::CUDAGuard guard(grad.device());

@@ -1,6 +1,7 @@
 """Launcher helpers shared by the Triton ops (layer_norm, gelu, attention)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -9,6 +10,17 @@ import torch
 def interpreter_on() -> bool:
     """Whether Triton's CPU interpreter is switched on (TRITON_INTERPRET, read before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def device_guard(t: torch.Tensor):
+    """The context every Triton launch runs in: `torch.cuda.device(t.device)` for a CUDA tensor, nothing otherwise.
+
+    Triton launches on the *current* CUDA device, not on the device of the tensors it is given: without this, a
+    kernel on tensors of cuda:1 (a `--device cuda:1` run, a caller's process group without set_device) would run
+    on cuda:0 against cuda:1's memory (an illegal address, or with peer access a silent race)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def device_info(t: torch.Tensor) -> tuple[int, int]:

@@ -27,16 +27,21 @@ Dropout. The keep mask is never stored: it is regenerated from Philox(seed, coun
 and again in both backward kernels. `dropout_keep_mask` returns that same mask densely for tests.
 
 Precision. Dot products in the input dtype with float32 accumulation; the softmax statistics, LSE and Delta
-are float32. For float32 inputs on a GPU, `tl.dot` uses TF32 (10-bit mantissa) tensor cores, like
-torch's `allow_tf32` matmuls: expect ~1e-3 relative error. Under TRITON_INTERPRET=1 (CPU) float32 dots are exact.
+are float32. For float32 inputs on a GPU, `tl.dot` uses TF32 (10-bit mantissa) tensor cores exactly when torch's
+own float32 matmuls do (`dot_precision`: torch.get_float32_matmul_precision() != "highest", i.e.
+`torch.backends.cuda.matmul.allow_tf32`; expect ~1e-3 relative error), and full fp32 FMA otherwise. Under
+TRITON_INTERPRET=1 (CPU) float32 dots are exact either way.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from bertfast.kernels import _launch
 
 LOG2E = 1.4426950408889634
 
@@ -71,6 +76,17 @@ def _seq_extent(SEQ, b, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _block_and_head(max_seqlen, BLOCK: tl.constexpr):
+    """(row block, batch * head) of this program. The grid is one axis of cdiv(max_seqlen, BLOCK) * batch * heads
+    programs, row blocks fastest (programs of one head run together and share its K/V in L2): CUDA allows
+    2**31 - 1 programs on axis 0 but only 65535 on axes 1 and 2, which batch * heads passes at BERT-base
+    eval batches of 5462 (see `launch_grid`)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(max_seqlen, BLOCK)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V,          # inputs, rows (token dim) x heads x head_dim, strides below, head_dim contiguous
     O,                # output, same shape as Q
@@ -87,9 +103,9 @@ def _attn_fwd_kernel(
     sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _block_and_head(max_seqlen, BLOCK_M)
     b = bh // n_heads
     h = bh % n_heads
     start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
@@ -131,7 +147,7 @@ def _attn_fwd_kernel(
                 col_ok = col_ok & (tl.load(MASK + b64 * stride_mb + cols, mask=col_ok, other=0) != 0)
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
                         mask=(cols < seqlen)[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: avoid -inf - -inf
@@ -144,7 +160,7 @@ def _attn_fwd_kernel(
                 p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) rescale is applied once at the end
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                         mask=(cols < seqlen)[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
             m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -169,11 +185,10 @@ def _attn_bwd_preprocess_kernel(
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh,
-    n_heads,
+    n_heads, max_seqlen,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _block_and_head(max_seqlen, BLOCK_M)
     b = bh // n_heads
     h = bh % n_heads
     start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
@@ -209,10 +224,10 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
 ):
     # one program per block of BLOCK_N keys; it streams over all query blocks (the transposed tiles, [N, M])
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n, bh = _block_and_head(max_seqlen, BLOCK_N)
     b = bh // n_heads
     h = bh % n_heads
     start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
@@ -257,10 +272,11 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=qd_msk, other=0.0)
             lse = tl.load(l_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(d_base + rows, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q)) * qk_scale                 # S^T [BLOCK_N, BLOCK_M], base 2
+            # S^T [BLOCK_N, BLOCK_M], base 2
+            s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
             p_t = tl.math.exp2(s_t - lse[None, :])                  # P^T; 0 at padded query rows (LSE=inf)
             p_t = tl.where(col_ok[:, None], p_t, 0.0)               # masked keys
-            dp_t = tl.dot(v, tl.trans(do))                          # (dO V^T)^T
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
             if HAS_DROPOUT:
                 keep_t = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], max_seqlen, dropout_p)
                 rescale = 1.0 / (1.0 - dropout_p)
@@ -268,9 +284,9 @@ def _attn_bwd_dkdv_kernel(
                 dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
             else:
                 pd_t = p_t
-            dv = tl.dot(pd_t.to(do.dtype), do, dv)                  # dV += Pd^T dO
+            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)  # dV += Pd^T dO
             ds_t = p_t * (dp_t - delta[None, :])                    # dS^T = P^T * (dP^T - Delta)
-            dk = tl.dot(ds_t.to(q.dtype), q, dk)                    # dK += dS^T Q  (times c below)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)  # dK += dS^T Q  (times c below)
     dk = dk * sm_scale
     out_msk = (offs_n < row_limit)[:, None] & d_ok[None, :]
     tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_msk)
@@ -295,10 +311,10 @@ def _attn_bwd_dq_kernel(
     sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
 ):
     # one program per block of BLOCK_M queries; it streams over all key blocks
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _block_and_head(max_seqlen, BLOCK_M)
     b = bh // n_heads
     h = bh % n_heads
     start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
@@ -341,15 +357,15 @@ def _attn_bwd_dq_kernel(
             kv_msk = key_in[:, None] & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_msk, other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_msk, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
             p = tl.math.exp2(s - lse[:, None])
             p = tl.where(col_ok[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], max_seqlen, dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])                          # dS = P * (dP - Delta)
-            dq = tl.dot(ds.to(k.dtype), k, dq)                      # dQ += dS K  (times c below)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)  # dQ += dS K  (times c below)
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m < row_limit)[:, None] & d_ok[None, :])
@@ -361,9 +377,8 @@ def _dropout_mask_kernel(
     max_seqlen, dropout_p, seed,
     BLOCK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m, bh = _block_and_head(max_seqlen, BLOCK)
     pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], max_seqlen, dropout_p)
@@ -379,12 +394,15 @@ def _dropout_mask_kernel(
 KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 
 
-def attention_config(kind: str, head_dim: int, dtype: torch.dtype, capability: int | None) -> dict:
+def attention_config(kind: str, head_dim: int, dtype: torch.dtype, capability: int | None,
+                     precision: str = "tf32") -> dict:
     """Block sizes and launch settings for one attention kernel.
 
     kind: one of KINDS. capability: 80, 90, ... (major * 10 + minor) of the CUDA device, or None for the
-    CPU interpreter. Returns {"BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"}; BLOCK_M is the
-    query-block size, BLOCK_N the key-block size, for every kind.
+    CPU interpreter. precision: the float32 dots' input precision (`dot_precision`); "ieee" float32 dots run on
+    FMA units with both operands in registers, so they get smaller tiles. Returns {"BLOCK_M", "BLOCK_N",
+    "BLOCK_D", "num_warps", "num_stages"}; BLOCK_M is the query-block size, BLOCK_N the key-block size, for
+    every kind.
 
     Chosen from the shared-memory budget (sm_80: 163 KB, sm_90: 227 KB per block) and checked to compile
     without register spills (ptxas -v) for head_dim 32/64/128 and fp16/bf16/fp32; not yet tuned on a GPU.
@@ -401,6 +419,17 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, capability: i
     big_d = block_d >= 128
     if kind == "bwd_preprocess":
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
+    if wide and precision == "ieee":
+        # full-fp32 dots (FFMA): the tf32 tiles spill (up to 36 KB at d128); these compile without spills for
+        # head_dim 32/64/128, sm_80 and sm_90, padded and varlen + dropout (ptxas -v, triton 3.8). Not tuned.
+        if kind == "fwd":
+            block_m, block_n, num_warps = (32, 16, 8) if big_d else (64, 32, 8)
+        elif kind == "bwd_dkdv":
+            block_m, block_n, num_warps = 32, 32, 8
+        else:
+            block_m, block_n, num_warps = (64, 32, 8) if big_d else (32, 32, 4)
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps,
+                "num_stages": 2}
     if kind == "fwd":
         # 128 query rows over 2 warpgroups (8 warps): 4 warps hit 255 registers and spill with dropout on
         block_m, block_n, num_warps = 128, 64, 8
@@ -440,6 +469,37 @@ def _capability(device: torch.device) -> int | None:
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+# CUDA's limits on the launch grid: 2**31 - 1 programs on axis 0, 65535 on axes 1 and 2.
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+
+
+def launch_grid(max_seqlen: int, block: int, batch: int, heads: int) -> tuple[int]:
+    """The grid of every attention kernel: one axis of cdiv(max_seqlen, block) row blocks x batch x heads
+    (decoded by `_block_and_head`). batch * heads alone passes axis 1's limit of 65535 at BERT-base eval
+    batches >= 5462, so nothing of it goes on axes 1 / 2."""
+    n = triton.cdiv(max_seqlen, block) * batch * heads
+    if n > MAX_GRID[0]:
+        raise ValueError(f"attention: {n} programs (batch={batch} x heads={heads} x "
+                         f"{triton.cdiv(max_seqlen, block)} row blocks) exceed CUDA's grid limit of {MAX_GRID[0]}; "
+                         "split the batch")
+    return (n,)
+
+
+def dropout_mask_grid(max_seqlen: int, block: int, batch: int, heads: int) -> tuple[int, int]:
+    """Grid of `_dropout_mask_kernel`: (query blocks x batch x heads, key blocks)."""
+    return launch_grid(max_seqlen, block, batch, heads) + (triton.cdiv(max_seqlen, block),)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for these operands: float32 inputs use TF32 tensor cores exactly when torch's own
+    float32 matmuls may (`torch.backends.cuda.matmul.allow_tf32`, i.e. torch.get_float32_matmul_precision() !=
+    "highest"), so the attention kernels and the model's torch matmuls agree by construction; "ieee" otherwise.
+    Half-precision operands are unaffected (they always use tensor cores); "tf32" is Triton's default there."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -521,16 +581,18 @@ def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_se
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     if batch == 0 or q.numel() == 0:
         return out, lse
-    cfg = attention_config("fwd", head_dim, q.dtype, _capability(q.device))
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, mask if mask is not None else seq, seq,
-        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
-        *lse_strides, mask.stride(0) if mask is not None else 0,
-        heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed),
-        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        IS_VARLEN=varlen, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    precision = dot_precision(q.dtype)
+    cfg = attention_config("fwd", head_dim, q.dtype, _capability(q.device), precision)
+    grid = launch_grid(max_seqlen, cfg["BLOCK_M"], batch, heads)
+    with _launch.device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, mask if mask is not None else seq, seq,
+            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
+            *lse_strides, mask.stride(0) if mask is not None else 0,
+            heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed),
+            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            IS_VARLEN=varlen, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+            INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -557,33 +619,35 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqle
     delta = torch.empty_like(lse)
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     cap = _capability(q.device)
+    precision = dot_precision(q.dtype)
     mask_arg = mask if mask is not None else seq
     mask_stride = mask.stride(0) if mask is not None else 0
     common = dict(HEAD_DIM=head_dim, IS_VARLEN=varlen)
 
     cfg = attention_config("bwd_preprocess", head_dim, q.dtype, cap)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)](
-        out, do, delta, seq, *_strides4(out, varlen), *_strides4(do, varlen), *lse_strides, heads,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **common)
+    with _launch.device_guard(q):
+        _attn_bwd_preprocess_kernel[launch_grid(max_seqlen, cfg["BLOCK_M"], batch, heads)](
+            out, do, delta, seq, *_strides4(out, varlen), *_strides4(do, varlen), *lse_strides, heads, max_seqlen,
+            BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **common)
 
-    flags = dict(common, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0)
-    scalars = (heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed))
-    cfg = attention_config("bwd_dkdv", head_dim, q.dtype, cap)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), batch * heads)](
-        q, k, v, do, dk, dv, lse, delta, mask_arg, seq,
-        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
-        *_strides4(dk, varlen), *lse_strides, mask_stride, *scalars,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+        flags = dict(common, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision)
+        scalars = (heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed))
+        cfg = attention_config("bwd_dkdv", head_dim, q.dtype, cap, precision)
+        _attn_bwd_dkdv_kernel[launch_grid(max_seqlen, cfg["BLOCK_N"], batch, heads)](
+            q, k, v, do, dk, dv, lse, delta, mask_arg, seq,
+            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
+            *_strides4(dk, varlen), *lse_strides, mask_stride, *scalars,
+            BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
 
-    cfg = attention_config("bwd_dq", head_dim, q.dtype, cap)
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)](
-        q, k, v, do, dq, lse, delta, mask_arg, seq,
-        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
-        *_strides4(dq, varlen), *lse_strides, mask_stride, *scalars,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+        cfg = attention_config("bwd_dq", head_dim, q.dtype, cap, precision)
+        _attn_bwd_dq_kernel[launch_grid(max_seqlen, cfg["BLOCK_M"], batch, heads)](
+            q, k, v, do, dq, lse, delta, mask_arg, seq,
+            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
+            *_strides4(dq, varlen), *lse_strides, mask_stride, *scalars,
+            BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     return dq, dk, dv
 
 
@@ -594,8 +658,12 @@ def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_s
     Dense: for tests at small sizes only."""
     out = torch.empty((batch * heads, max_seqlen, max_seqlen), dtype=torch.uint8, device=device)
     block = 64
-    grid = (triton.cdiv(max_seqlen, block), triton.cdiv(max_seqlen, block), batch * heads)
-    _dropout_mask_kernel[grid](out, max_seqlen, float(dropout_p), int(seed), BLOCK=block)
+    if out.numel() == 0:
+        return out.view(batch, heads, max_seqlen, max_seqlen).to(torch.bool)
+    _launch.check_runnable(out, "dropout_keep_mask")
+    with _launch.device_guard(out):
+        _dropout_mask_kernel[dropout_mask_grid(max_seqlen, block, batch, heads)](
+            out, max_seqlen, float(dropout_p), int(seed), BLOCK=block)
     return out.view(batch, heads, max_seqlen, max_seqlen).to(torch.bool)
 
 
@@ -626,12 +694,18 @@ def gpu_compile_cases(capability: int) -> list[dict]:
             flag_sets = [(False, True, False)]
             if head_dim == 64:
                 flag_sets.append((True, False, True))
-            for is_varlen, has_mask, has_dropout in flag_sets:
+            # float32 runs its dots in TF32 or in full fp32 (FFMA) depending on torch's setting (dot_precision)
+            precisions = ("tf32", "ieee") if dtype == torch.float32 else ("tf32",)
+            for (is_varlen, has_mask, has_dropout), precision in itertools.product(flag_sets, precisions):
                 tag = f"d{head_dim}_{ty}" + ("_varlen_dropout" if is_varlen else "_padded_mask")
-                flags = {"IS_VARLEN": is_varlen, "HAS_MASK": has_mask, "HAS_DROPOUT": has_dropout}
+                tag += "_ieee" if precision == "ieee" else ""
+                flags = {"IS_VARLEN": is_varlen, "HAS_MASK": has_mask, "HAS_DROPOUT": has_dropout,
+                         "INPUT_PRECISION": precision}
                 for kind, fn in (("fwd", _attn_fwd_kernel), ("bwd_dkdv", _attn_bwd_dkdv_kernel),
                                  ("bwd_dq", _attn_bwd_dq_kernel), ("bwd_preprocess", _attn_bwd_preprocess_kernel)):
-                    cfg = attention_config(kind, head_dim, dtype, capability)
+                    if precision == "ieee" and "INPUT_PRECISION" not in fn.arg_names:
+                        continue  # no tl.dot: the same kernel as the tf32 case
+                    cfg = attention_config(kind, head_dim, dtype, capability, precision)
                     sig, consts, attrs = _signature(fn, ty, head_dim, cfg, flags)
                     if kind == "fwd":
                         nbytes, flops = 4 * tensor_bytes + row_bytes, fwd_flops
@@ -641,10 +715,13 @@ def gpu_compile_cases(capability: int) -> list[dict]:
                         nbytes, flops = 6 * tensor_bytes + 2 * row_bytes, 2 * fwd_flops
                     else:                      # 3 matmuls (S, dP, dQ)
                         nbytes, flops = 5 * tensor_bytes + 2 * row_bytes, 3 * fwd_flops // 2
-                    cases.append({"name": f"attention_{kind}_{tag}", "fn": fn, "signature": sig,
-                                  "constexprs": consts, "attrs": attrs, "dtype": ty, "num_warps": cfg["num_warps"],
-                                  "num_stages": cfg["num_stages"], "uses_mma": kind != "bwd_preprocess",
-                                  "bytes": nbytes, "flops": flops})
+                    case = {"name": f"attention_{kind}_{tag}", "fn": fn, "signature": sig,
+                            "constexprs": consts, "attrs": attrs, "dtype": ty, "num_warps": cfg["num_warps"],
+                            "num_stages": cfg["num_stages"], "uses_mma": kind != "bwd_preprocess",
+                            "bytes": nbytes, "flops": flops}
+                    if precision == "ieee":
+                        case["input_precision"] = "ieee"
+                    cases.append(case)
     return cases
 
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels import _launch
 from bertfast.kernels._launch import as_rows, check_runnable, check_vector, device_info
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,9 +144,10 @@ def bias_gelu_fwd(x, bias, out=None):
     y2 = y.view(m, n)
     cap, _ = device_info(x)
     cfg = fwd_config(m, n, x.dtype, cap)
-    _bias_gelu_fwd_kernel[cfg["grid"]](x2, bias, y2, x2.stride(0), y2.stride(0), m, n,
-                                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with _launch.device_guard(x):
+        _bias_gelu_fwd_kernel[cfg["grid"]](x2, bias, y2, x2.stride(0), y2.stride(0), m, n,
+                                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
@@ -165,9 +167,10 @@ def bias_gelu_bwd(dy, x, bias, dx=None):
     cap, sms = device_info(x)
     cfg = bwd_config(m, n, x.dtype, cap, sms)
     db_part = torch.empty((cfg["grid"][0], n), dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[cfg["grid"]](dy2, x2, bias, dx2, db_part, dy2.stride(0), x2.stride(0), dx2.stride(0),
-                                       m, n, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with _launch.device_guard(x):
+        _bias_gelu_bwd_kernel[cfg["grid"]](dy2, x2, bias, dx2, db_part, dy2.stride(0), x2.stride(0),
+                                           dx2.stride(0), m, n, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx, db_part.sum(0).to(bias.dtype)
 
 

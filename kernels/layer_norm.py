@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels import _launch
 from bertfast.kernels._launch import as_rows, check_runnable, check_vector, device_info
 
 # Widest row the kernels take: the whole row lives in registers (one block). 8192 was checked to compile without
@@ -317,12 +318,13 @@ def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=No
     cap, _ = device_info(x)
     cfg = fwd_config(m, n, x.dtype, cap)
     has_dropout = dropout_p > 0.0
-    _layer_norm_fwd_kernel[cfg["grid"]](
-        x2, x_bias if x_bias is not None else x2, r2, weight, bias, y2, mean, rstd,
-        x2.stride(0), r2.stride(0), y2.stride(0), m, n, eps, int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
-        HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with _launch.device_guard(x):
+        _layer_norm_fwd_kernel[cfg["grid"]](
+            x2, x_bias if x_bias is not None else x2, r2, weight, bias, y2, mean, rstd,
+            x2.stride(0), r2.stride(0), y2.stride(0), m, n, eps, int(seed), _drop_threshold(dropout_p),
+            _dropout_scale(dropout_p), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, mean, rstd
 
 
@@ -356,14 +358,15 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     if m > 0:
         dx2 = dx.view(m, n)
         dh2 = dh.view(m, n) if dh is not None else dx2
-        _layer_norm_bwd_kernel[cfg["grid"]](
-            dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2,
-            dw_part, db_part, dxb_part,
-            dy2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dh2.stride(0), m, n,
-            int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_DH=store_dh,
-            REDRAW_KEEP=cfg["REDRAW_KEEP"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        with _launch.device_guard(x):
+            _layer_norm_bwd_kernel[cfg["grid"]](
+                dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2,
+                dw_part, db_part, dxb_part,
+                dy2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dh2.stride(0), m, n,
+                int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
+                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_DH=store_dh,
+                REDRAW_KEEP=cfg["REDRAW_KEEP"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype)
     dx_bias = dxb_part.sum(0).to(x_bias.dtype) if x_bias is not None else None
@@ -386,8 +389,9 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch
     if keep.numel():
         check_runnable(keep, "dropout_keep_mask")
         bm, bn = 16, max(4, min(triton.next_power_of_2(n), 1024))
-        _dropout_mask_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            keep, m, n, int(seed), _drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+        with _launch.device_guard(keep):
+            _dropout_mask_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+                keep, m, n, int(seed), _drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     keep = keep.bool().reshape(shape)
     return keep & (dropout_p < 1.0)  # p == 1 keeps nothing (the kernels zero everything through the scale)
 

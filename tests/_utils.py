@@ -13,7 +13,8 @@ import torch
 
 from bertfast.kernels._launch import interpreter_on
 
-__all__ = ["assert_close", "requires_triton", "triton_runnable", "triton_device", "nan_like", "nan_filled_empty"]
+__all__ = ["assert_close", "requires_triton", "triton_runnable", "triton_device", "nan_like", "nan_filled_empty",
+           "LaunchRecorder"]
 
 
 def triton_runnable() -> bool:
@@ -85,3 +86,41 @@ def nan_filled_empty():
         yield
     finally:
         torch.use_deterministic_algorithms(old)
+
+
+class LaunchRecorder:
+    """Replaces every @triton.jit function of the given kernel modules with a fake that records its launches, and
+    `_launch.device_guard` with one that records the device it is entered with, so a test can check (without a
+    GPU, and without running anything) that each launch happens inside the guard of its tensors' device.
+
+    launches: [{"kernel": name, "grid": grid, "guards": [devices of the guards open at launch], "kwargs": ...}]."""
+
+    def __init__(self, monkeypatch, *modules):
+        import triton
+
+        from bertfast.kernels import _launch
+
+        self.launches, self._open = [], []
+        rec = self
+
+        @contextlib.contextmanager
+        def guard(t):
+            rec._open.append(t.device)
+            try:
+                yield
+            finally:
+                rec._open.pop()
+
+        class _Fake:
+            def __init__(self, name):
+                self.name = name
+
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: rec.launches.append(
+                    {"kernel": self.name, "grid": tuple(grid), "guards": list(rec._open), "kwargs": kwargs})
+
+        monkeypatch.setattr(_launch, "device_guard", guard)
+        for mod in modules:
+            for name, obj in list(vars(mod).items()):
+                if isinstance(obj, triton.runtime.jit.KernelInterface):  # JITFunction, or InterpretedFunction
+                    monkeypatch.setattr(mod, name, _Fake(name))

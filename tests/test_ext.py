@@ -198,6 +198,41 @@ def test_ce_bad_inputs_raise(case):
 
 
 @pytest.mark.parametrize("compute_grad", [True, False])
+def test_ce_fp16_gradients_survive_a_gradscaler_scale(compute_grad):
+    """fp16 logits under a GradScaler-sized loss scale: the gradient is (softmax - onehot) / count * scale rounded
+    once to fp16. Stored unscaled in fp16 (before the fix), most of (softmax - onehot) / count (~1 / (V * count))
+    fell below fp16's smallest subnormal and came out 0 or a few bits, whatever the scale."""
+    n, v, scale = 256, 30522, 65536.0
+    x = (torch.randn(n, v) * 2).half().requires_grad_()
+    t = _targets(n, v, p_ignore=0.2)
+    if compute_grad:
+        loss = _ext.softmax_cross_entropy(x, t)
+    else:  # the op called without its forward gradient: the backward recomputes it
+        loss, _ = torch.ops.bertfast.softmax_cross_entropy(x, t, -100, 0.0, False)
+    (loss * scale).backward()
+    assert x.grad.dtype == torch.float16
+    x64 = x.detach().double().requires_grad_()
+    (F.cross_entropy(x64, t, reduction="sum") / (t != -100).sum() * scale).backward()
+    ref = x64.grad
+    err = (x.grad.double() - ref).abs()
+    fp16_ulp = 2.0 ** -10 * ref.abs() + 2.0 ** -24  # one fp16 ulp of the true value (subnormal spacing below)
+    assert (err <= fp16_ulp).all(), f"{int((err > fp16_ulp).sum())} gradients beyond fp16 rounding, worst {err.max()}"
+    kept = t != -100
+    assert (x.grad[kept] != 0).float().mean() > 0.999  # no flush to zero (ignored rows are exactly 0)
+    assert torch.equal(x.grad[~kept], torch.zeros_like(x.grad[~kept]))
+
+
+@pytest.mark.parametrize("dtype, grad_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.float32), (torch.float64, torch.float64)],
+                         ids=str)
+def test_ce_gradient_buffer_dtype(dtype, grad_dtype):
+    """The forward's gradient buffer is float32 for fp16 logits only (2 extra bytes per logit); others keep theirs."""
+    x = torch.randn(5, 11, dtype=dtype)
+    _, g = torch.ops.bertfast.softmax_cross_entropy(x, torch.arange(5), -100, 0.0, True)
+    assert g.dtype == grad_dtype == _ext.grad_dtype(dtype)
+
+
+@pytest.mark.parametrize("compute_grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_ce_opcheck(compute_grad, dtype):
     x = torch.randn(37, 1001, dtype=dtype, requires_grad=True)
@@ -248,6 +283,24 @@ def test_mlm_gather_matches_reference(b, s, h, p, dtype, nan_empty):
     hs = hidden.detach().clone().requires_grad_()
     reference.mlm_gather(hs, pos).backward(g.to(dtype))
     assert_close(hidden.grad, h64.grad, hs.grad, atol=1e-6 if dtype == torch.float64 else 1e-3, what="grad_hidden")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mlm_gather_backward_many_slots_in_one_row(dtype):
+    """The model gathers from h[None]: one row holds every prediction of the batch (P = 20480 at batch 1024).
+    Duplicated positions (here ~5 slots per position) sum in the backward; -1 slots give nothing."""
+    s, h, p = 4096, 8, 20480
+    hidden = torch.randn(1, s, h, dtype=torch.float64).to(dtype).requires_grad_()
+    pos = torch.randint(-1, s, (1, p))
+    g = torch.randn(p, h, dtype=torch.float64).to(dtype)
+    _ext.mlm_gather(hidden, pos).backward(g)
+    used = pos[0] >= 0
+    expect64 = torch.zeros(s, h, dtype=torch.float64).index_add_(0, pos[0][used], g.double()[used])
+    hs = hidden.detach().clone().requires_grad_()
+    reference.mlm_gather(hs, pos).backward(g)
+    assert_close(hidden.grad[0], expect64, hs.grad[0], atol=1e-6, what="grad_hidden")
+    untouched = torch.bincount(pos[0][pos[0] >= 0], minlength=s) == 0
+    assert untouched.any() and (hidden.grad[0][untouched] == 0).all()
 
 
 def test_mlm_gather_non_contiguous_hidden():

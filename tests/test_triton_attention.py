@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from _utils import assert_close, nan_like, requires_triton, triton_device
+from _utils import LaunchRecorder, assert_close, nan_like, requires_triton, triton_device
 
 from bertfast import ops, reference
 from bertfast.kernels import attention as K
@@ -345,6 +345,93 @@ def test_input_validation():
         K.attention_forward(q.double(), q.double(), q.double())
     with pytest.raises(ValueError, match="key_padding_mask"):
         K.attention_forward(q, q, q, key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launch plumbing, recorded without running a kernel: device guard, grid limits, TF32 choice
+# ------------------------------------------------------------------------------------------------------------
+
+def _launch_everything(b, s, h, d, dtype=torch.float32, dropout_p=0.1):
+    """Calls every attention launcher (padded fwd/bwd, varlen fwd/bwd, the dense dropout-mask helper) on CPU."""
+    q = torch.randn(b, s, h, d, dtype=dtype)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    out, lse = K.attention_forward(q, q, q, key_padding_mask=mask, dropout_p=dropout_p, seed=1)
+    K.attention_backward(q, q, q, q, out, lse, key_padding_mask=mask, dropout_p=dropout_p, seed=1)
+    ql = q.reshape(b * s, h, d)
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+    out, lse = K.attention_forward(ql, ql, ql, cu_seqlens=cu, max_seqlen=s)
+    K.attention_backward(ql, ql, ql, ql, out, lse, cu_seqlens=cu, max_seqlen=s)
+    K.dropout_keep_mask(1, dropout_p, b, h, s)
+    return q
+
+
+def test_every_launch_runs_under_its_tensors_device_guard(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors' (issue 15): each launch must sit inside
+    _launch.device_guard(tensor) of its own tensors."""
+    rec = LaunchRecorder(monkeypatch, K)
+    q = _launch_everything(2, 9, 2, 16)
+    kernels = {launch["kernel"] for launch in rec.launches}
+    assert kernels == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                       "_attn_bwd_dq_kernel", "_dropout_mask_kernel"}
+    for launch in rec.launches:
+        assert launch["guards"] == [q.device], launch
+
+
+def test_device_guard_selects_the_tensors_gpu():
+    from types import SimpleNamespace
+
+    from bertfast.kernels import _launch
+    guard = _launch.device_guard(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # built, not entered: no GPU needed
+    assert not isinstance(_launch.device_guard(torch.zeros(1)), torch.cuda.device)
+
+
+def test_grids_keep_axes_1_and_2_within_cuda_limits(monkeypatch):
+    """batch * heads = 65544 > 65535 (BERT-base, a no-grad eval batch of 5462): CUDA rejects a grid axis 1 or 2 past
+    65535, so every attention launch (and the dense keep-mask helper) must put batch * heads on axis 0."""
+    rec = LaunchRecorder(monkeypatch, K)
+    b, s, h = 5462, 3, 12
+    _launch_everything(b, s, h, 16)
+    assert len(rec.launches) == 9
+    for launch in rec.launches:
+        grid = launch["grid"]
+        assert len(grid) <= 3 and all(0 < g <= lim for g, lim in zip(grid, (2 ** 31 - 1, 65535, 65535))), launch
+        cfg = launch["kwargs"]
+        block = cfg.get("BLOCK_N") if launch["kernel"] == "_attn_bwd_dkdv_kernel" else cfg.get("BLOCK_M",
+                                                                                               cfg.get("BLOCK"))
+        programs = math.prod(grid)
+        per_head = math.ceil(s / block) * (math.ceil(s / block) if launch["kernel"] == "_dropout_mask_kernel" else 1)
+        assert programs == per_head * b * h, launch  # every (row block, batch, head) gets exactly one program
+
+
+@pytest.mark.parametrize("setting, expect", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_fp32_dots_follow_torchs_tf32_setting(monkeypatch, setting, expect):
+    """The kernels' float32 tl.dot uses TF32 exactly when torch's float32 matmuls may (issue 15: `--precision fp32`
+    must mean one thing); half-precision operands are unaffected."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        assert torch.backends.cuda.matmul.allow_tf32 == (expect == "tf32")  # the same switch, seen from torch
+        assert K.dot_precision(torch.float32) == expect
+        assert K.dot_precision(torch.bfloat16) == K.dot_precision(torch.float16) == "tf32"
+        rec = LaunchRecorder(monkeypatch, K)
+        _launch_everything(2, 9, 2, 16)
+        for launch in rec.launches:
+            if launch["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+                assert launch["kwargs"]["INPUT_PRECISION"] == expect, launch
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@requires_triton
+def test_fp32_full_precision_matches_reference():
+    """INPUT_PRECISION="ieee" (torch's default "highest") runs and matches the float64 reference."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        _check_padded(2, 21, 2, 32, torch.float32, torch.tensor([13, 21]))
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 # ------------------------------------------------------------------------------------------------------------

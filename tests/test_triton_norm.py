@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _utils import assert_close, requires_triton, triton_device
+from _utils import LaunchRecorder, assert_close, requires_triton, triton_device
 
 from bertfast import ops, reference
 from bertfast.kernels import gelu as gelu_kernels
@@ -13,6 +13,7 @@ from bertfast.kernels import layer_norm as ln_kernels
 from bertfast.ops import _triton_norm as tn
 
 DEVICE = triton_device()
+
 pytestmark = requires_triton
 
 SHAPES = [(1, 1, 8), (3, 37, 100), (5, 768), (2, 1023), (4, 4096)]
@@ -245,6 +246,23 @@ def test_configs_are_what_the_launchers_use():
             assert set(case) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "uses_mma",
                                  "bytes", "flops"}
             assert all(case["signature"][k] == "constexpr" for k in case["constexprs"])
+
+
+def test_every_launch_runs_under_its_tensors_device_guard(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors' (issue 15): every LayerNorm / bias+GELU launch
+    (forward, backward, the keep-mask helper) must sit inside _launch.device_guard of its own tensors."""
+    rec = LaunchRecorder(monkeypatch, ln_kernels, gelu_kernels)
+    x, w, b, r, xb = make_ln_inputs((3, 40), torch.float32, True, True)
+    y, mean, rstd = ln_kernels.layer_norm_fwd(x, w, b, EPS, r, xb, 0.1, 7)
+    ln_kernels.layer_norm_bwd(y, x, w, mean, rstd, r, xb, 0.1, 7)
+    ln_kernels.dropout_keep_mask(7, (3, 40), 0.1, DEVICE)
+    gelu_kernels.bias_gelu_fwd(x, xb)
+    gelu_kernels.bias_gelu_bwd(x, x, xb)
+    assert [launch["kernel"] for launch in rec.launches] == [
+        "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_dropout_mask_kernel", "_bias_gelu_fwd_kernel",
+        "_bias_gelu_bwd_kernel"]
+    for launch in rec.launches:
+        assert launch["guards"] == [x.device], launch
 
 
 # ---------------------------------------------------------------------------------------------------------------

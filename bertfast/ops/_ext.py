@@ -109,8 +109,15 @@ def _sce_fake(logits, target, ignore_index=-100, label_smoothing=0.0, compute_gr
     torch._check(logits.dim() == 2, lambda: "softmax_cross_entropy: logits must be [N, vocab]")
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = logits.new_empty((), dtype=acc)
-    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape, dtype=grad_dtype(logits.dtype)) if compute_grad else logits.new_empty(0)
     return loss, grad
+
+
+def grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient buffer the forward writes (csrc/checks.h grad_dtype): float32 for float16 logits, whose
+    unscaled gradients ((softmax - onehot) / count, ~1 / (V * count)) fall below fp16's smallest subnormal before
+    a GradScaler's scale multiplies them in the backward; the logits' own dtype otherwise."""
+    return torch.float32 if logits_dtype == torch.float16 else logits_dtype
 
 
 @torch.library.register_fake("bertfast::softmax_cross_entropy_scale_grad_")
@@ -122,6 +129,9 @@ def _sce_scale_fake(grad_logits, grad_output):
 # logits-sized buffer, saved for backward; the backward scales that same buffer in place by grad_output and hands
 # it to autograd. So besides the logits there is never more than one logits-sized buffer (eager cross_entropy holds
 # log-probabilities, then a zero-filled grad of the log-probabilities, then the grad of the logits).
+# Exception, float16 logits: the buffer is float32 (see grad_dtype), twice the logits' bytes, and the backward
+# casts the scaled buffer to float16 (one more fp16-sized tensor, alive while autograd consumes it): 3x the logits'
+# bytes at the backward's peak instead of 1x. bfloat16 and float32 keep the one-buffer plan.
 # In place is safe because nothing else sees the buffer before the backward runs, and the backward runs once:
 #   * a second backward through the same graph (retain_graph=True) would scale it twice (and it may by then be
 #     logits.grad itself), so it raises instead (ctx.consumed);
@@ -130,6 +140,7 @@ def _sce_scale_fake(grad_logits, grad_output):
 def _sce_setup(ctx, inputs, output):
     logits, target, ignore_index, label_smoothing, compute_grad = inputs
     ctx.compute_grad = compute_grad
+    ctx.logits_dtype = logits.dtype
     ctx.consumed = False
     ctx.mark_non_differentiable(output[1])
     # The second output (the gradient buffer) gets no gradient; without this autograd would materialise a
@@ -147,7 +158,7 @@ def _sce_bwd(ctx, grad_loss, _grad_of_grad_buffer):
     if not ctx.compute_grad:
         logits, target = ctx.saved_tensors
         _, grad = _ops.softmax_cross_entropy(logits, target, ctx.ignore_index, ctx.label_smoothing, True)
-        return (grad.to(grad_loss.dtype) * grad_loss).to(grad.dtype), None, None, None, None
+        return (grad.to(grad_loss.dtype) * grad_loss).to(logits.dtype), None, None, None, None
     if ctx.consumed:
         raise RuntimeError(
             "bertfast softmax_cross_entropy (impl='ext') can be back-propagated only once: its backward scales the "
@@ -157,14 +168,15 @@ def _sce_bwd(ctx, grad_loss, _grad_of_grad_buffer):
     if not _eager(grad, grad_loss):
         # Traced (torch.compile / AOTAutograd / make_fx): the same math out of place, which the compiler can fuse
         # and plan memory for; mutating a forward output inside the traced backward is not allowed there.
-        return (grad.to(grad_loss.dtype) * grad_loss).to(grad.dtype), None, None, None, None
+        return (grad.to(grad_loss.dtype) * grad_loss).to(ctx.logits_dtype), None, None, None, None
     if torch.is_grad_enabled():
         raise RuntimeError(
             "bertfast softmax_cross_entropy (impl='ext') does not support double backward (create_graph=True); "
             "use impl='torch' for higher-order gradients.")
     ctx.consumed = True
     _ops.softmax_cross_entropy_scale_grad_(grad, grad_loss)
-    return grad, None, None, None, None
+    # scaled in float32 for float16 logits, then rounded once to the logits' dtype (a no-op for the others)
+    return grad.to(ctx.logits_dtype), None, None, None, None
 
 
 def _eager(*tensors) -> bool:
