@@ -65,15 +65,17 @@ class CheckpointSaveError(RuntimeError):
 class DiskFullError(CheckpointSaveError):
     """No space left on the device while (or before) writing a checkpoint."""
 
-    def __init__(self, directory: str, needed_bytes: int, free_bytes: int | None, corrupt_bytes: int = 0):
+    def __init__(self, directory: str, needed_bytes: int, free_bytes: int | None, corrupt_bytes: int = 0,
+                 has_earlier: bool = True):
         self.directory, self.needed_bytes, self.free_bytes = directory, needed_bytes, free_bytes
         free = f", {free_bytes / _MB:.0f} MB free" if free_bytes is not None else ""
         aside = (f" ({os.path.join(directory, CORRUPT_DIR)} holds {corrupt_bytes / _MB:.0f} MB of corrupt checkpoints "
                  "moved aside)" if corrupt_bytes else "")
+        then = ("the earlier checkpoints are intact. Free some space{} or keep fewer checkpoints, and continue with "
+                "--resume." if has_earlier else "there is no earlier checkpoint. Free some space{} and start again.")
         super().__init__(f"no space left on device in {directory} (the checkpoint needs about "
-                         f"{max(1, round(needed_bytes / _MB))} MB{free}); the partial checkpoint was removed and the "
-                         f"earlier checkpoints are intact. Free some space{aside} or keep fewer checkpoints, and "
-                         "continue with --resume.")
+                         f"{max(1, round(needed_bytes / _MB))} MB{free}); the partial checkpoint was removed and "
+                         + then.format(aside))
 
 
 class CheckpointWarning(UserWarning):
@@ -439,7 +441,8 @@ def save_checkpoint(output_dir: str, step: int, model, config_dict: dict, state:
         need += _tree_bytes(tokenizer)
     free = _free_bytes(root)
     if free is not None and free < need:  # `need` is a lower bound of the files' size: this save cannot fit
-        raise DiskFullError(root, need, free, _tree_bytes(os.path.join(root, CORRUPT_DIR)))
+        raise DiskFullError(root, need, free, _tree_bytes(os.path.join(root, CORRUPT_DIR)),
+                            bool(list_checkpoints(output_dir)))
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:
@@ -467,7 +470,8 @@ def save_checkpoint(output_dir: str, step: int, model, config_dict: dict, state:
         free_now, written = _free_bytes(root), _tree_bytes(tmp)  # measured before the partial folder goes
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and _is_disk_full(e, free_now, need - written):
-            raise DiskFullError(root, need, free_now, _tree_bytes(os.path.join(root, CORRUPT_DIR))) from e
+            raise DiskFullError(root, need, free_now, _tree_bytes(os.path.join(root, CORRUPT_DIR)),
+                                bool(list_checkpoints(output_dir))) from e
         raise
     _install(root, name, tmp, log)
     try:

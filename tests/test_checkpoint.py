@@ -415,3 +415,10 @@ def test_full_disk_message_points_at_corrupt_checkpoints_set_aside(tmp_path, mon
     monkeypatch.setattr(ckpt, "_free_bytes", lambda p: 0)
     with pytest.raises(ckpt.DiskFullError, match=r"Free some space \(.*corrupt holds \d+ MB of corrupt checkpoints"):
         save(tmp_path, 12)
+
+
+def test_full_disk_on_the_first_checkpoint_does_not_promise_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda p: 0)
+    with pytest.raises(ckpt.DiskFullError, match="there is no earlier checkpoint. Free some space and start again"):
+        save(tmp_path, 2)
+    assert steps(tmp_path) == [] and _no_temporaries(tmp_path)
