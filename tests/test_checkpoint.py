@@ -319,13 +319,15 @@ WORDS = ["the", "cat", "sat", "on", "mat", "dog", "##s", "##ed", "a", "b", "c", 
 
 
 def make_tokenizer(tmp_path, words=WORDS, name="vocab.txt", **kw):
+    """A BertTokenizerFast over a vocab.txt of `words` (keyword options such as do_lower_case passed through)."""
+    import inspect
+
     from transformers import BertTokenizerFast
 
     path = tmp_path / name
     path.write_text("\n".join(SPECIALS + list(words)) + "\n")
-    from bertfast.data.tokenizer import load_tokenizer
-
-    return (load_tokenizer(str(path)) if not kw else BertTokenizerFast(vocab=str(path), **kw)), path
+    key = "vocab_file" if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab"
+    return BertTokenizerFast(**{key: str(path)}, **kw), path
 
 
 def test_tokenizer_fingerprint_is_the_vocabulary_not_the_files(tmp_path):

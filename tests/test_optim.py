@@ -240,8 +240,8 @@ def test_float32_master_weights_for_a_bfloat16_model():
 # ---------------------------------------------------------------------------------------------- arguments
 @pytest.mark.parametrize("kw, word", [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"),
                                       ({"eps": -1e-8}, "eps"), ({"weight_decay": -0.1}, "weight_decay"),
-                                      ({"trust_ratio": "yes"}, "trust_ratio"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
-                                      ({"lr": float("nan")}, "lr")])
+                                      ({"trust_ratio": "yes"}, "trust_ratio"),
+                                      ({"max_grad_norm": 0.0}, "max_grad_norm"), ({"lr": float("nan")}, "lr")])
 def test_bad_arguments_name_themselves(kw, word):
     with pytest.raises(ValueError, match=f"Lamb: {word} must"):
         Lamb(bert_like_params(), **kw)
