@@ -44,8 +44,9 @@ inline void check_gather_backward_args(const at::Tensor& grad, const at::Tensor&
 
 inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, double label_smoothing) {
   TORCH_CHECK(logits.dim() == 2, "softmax_cross_entropy: logits must be [N, vocab], got shape ", logits.sizes());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "softmax_cross_entropy: target must be [N] with N = ",
-              logits.size(0), " (rows of logits), got shape ", target.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
+              "softmax_cross_entropy: target must be [N] with N = ", logits.size(0), " (rows of logits), got shape ",
+              target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "softmax_cross_entropy: target must be int64, got ",
               target.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), "softmax_cross_entropy: target is on ", target.device(),

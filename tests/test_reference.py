@@ -163,3 +163,143 @@ def test_auto_on_cpu_picks_reference_and_ext():
     assert table["layer_norm"] == "torch" and table["attention"] == "torch"
     assert table["mlm_gather"] == "ext" and table["softmax_cross_entropy"] == "ext"
     assert ops.describe("cuda")["attention"] == "triton"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks of the public ops (issue 14): the same ValueError, naming the argument, whatever the impl
+# ----------------------------------------------------------------------------------------------------------------
+
+def _qkv3(total=10, h=2, d=8):
+    return tuple(torch.randn(total, h, d) for _ in range(3))
+
+
+def _cu(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+VARLEN_BAD = {  # name -> (kwargs changes, expected words in the message)
+    "cu_past_tokens": (dict(cu_seqlens=_cu(0, 4, 12)), r"cu_seqlens must end at the number of tokens.*= 12"),
+    "cu_not_from_0": (dict(cu_seqlens=_cu(2, 4, 10)), r"cu_seqlens must start at 0"),
+    "cu_decreasing": (dict(cu_seqlens=_cu(0, 6, 4, 10)), r"cu_seqlens must be non-decreasing"),
+    "cu_int64": (dict(cu_seqlens=_cu(0, 4, 10).long()), r"cu_seqlens must be int32"),
+    "cu_2d": (dict(cu_seqlens=_cu(0, 4, 10)[None]), r"cu_seqlens must be 1-D"),
+    "max_seqlen_short": (dict(max_seqlen=5), r"max_seqlen=5 is smaller than the longest sequence \(6 tokens"),
+    "max_seqlen_float": (dict(max_seqlen=6.0), r"max_seqlen must be an int"),
+    "dropout_1": (dict(dropout_p=1.0), r"dropout_p must be a number in \[0, 1\)"),
+    "dropout_neg": (dict(dropout_p=-0.1), r"dropout_p"),
+    "q_4d": (dict(q=torch.randn(1, 10, 2, 8)), r"q must be 3-D"),
+    "k_shape": (dict(k=torch.randn(10, 2, 4)), r"k and v must have q's shape"),
+    "v_dtype": (dict(v=torch.randn(10, 2, 8).half()), r"v has dtype"),
+    "q_int": (dict(q=torch.zeros(10, 2, 8, dtype=torch.int32), k=torch.zeros(10, 2, 8, dtype=torch.int32),
+                   v=torch.zeros(10, 2, 8, dtype=torch.int32)), r"q has dtype torch.int32"),
+}
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(VARLEN_BAD))
+def test_varlen_attention_rejects_bad_arguments(case, impl):
+    q, k, v = _qkv3()
+    args = dict(q=q, k=k, v=v, cu_seqlens=_cu(0, 4, 10), max_seqlen=6, dropout_p=0.0)
+    change, match = VARLEN_BAD[case]
+    args.update(change)
+    with pytest.raises(ValueError, match="varlen_attention: " + match):
+        ops.varlen_attention(**args, impl=impl)
+
+
+def test_varlen_value_checks_always_run_on_cpu_and_can_be_skipped_on_gpu():
+    q, k, v = _qkv3()
+    with pytest.raises(ValueError, match="cu_seqlens must end"):  # check_values=False does not apply to CPU
+        ops.varlen_attention(q, k, v, _cu(0, 4, 12), 6, check_values=False, impl="torch")
+    # the opt-out plumbing, without a GPU: meta tensors stand for device tensors (reading their values fails)
+    qm, km, vm = (t.to("meta") for t in (q, k, v))
+    cu = _cu(0, 4, 12).to("meta")
+    from bertfast.ops import _checks
+    _checks.varlen_attention(qm, km, vm, cu, 6, 0.0, None, check_values=False)  # argument checks only: passes
+    with pytest.raises(Exception):
+        _checks.varlen_attention(qm, km, vm, cu, 6, 0.0, None, check_values=True)  # tries to read the values
+
+
+ATTENTION_BAD = {
+    "q_3d": (dict(q=torch.randn(6, 2, 8), k=torch.randn(6, 2, 8), v=torch.randn(6, 2, 8)), r"q must be 4-D"),
+    "k_shape": (dict(k=torch.randn(2, 5, 2, 8)), r"k and v must have q's shape"),
+    "mask_shape": (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), r"key_padding_mask must be \[batch"),
+    "mask_float": (dict(key_padding_mask=torch.ones(2, 6)), r"key_padding_mask must be bool"),
+    "dropout_1": (dict(dropout_p=1), r"dropout_p must be a number in \[0, 1\)"),
+    "scale_nan": (dict(softmax_scale=float("nan")), r"softmax_scale must be"),
+}
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(ATTENTION_BAD))
+def test_attention_rejects_bad_arguments(case, impl):
+    q, k, v = (torch.randn(2, 6, 2, 8) for _ in range(3))
+    args = dict(q=q, k=k, v=v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool), dropout_p=0.0)
+    change, match = ATTENTION_BAD[case]
+    args.update(change)
+    with pytest.raises(ValueError, match="attention: " + match):
+        ops.attention(**args, impl=impl)
+
+
+LAYER_NORM_BAD = {
+    "weight_int": (dict(weight=torch.ones(16, dtype=torch.int64)), r"weight has dtype torch.int64"),
+    "weight_float64": (dict(weight=torch.ones(16, dtype=torch.float64)), r"weight has dtype torch.float64"),
+    "bias_size": (dict(bias=torch.zeros(15)), r"bias must be 1-D of size 16"),
+    "x_bias_size": (dict(x_bias=torch.zeros(4, 4)), r"x_bias must be 1-D of size 16"),
+    "residual_shape": (dict(residual=torch.randn(3, 16)), r"residual has shape"),
+    "residual_dtype": (dict(residual=torch.randn(4, 16).half()), r"residual has dtype"),
+    "dropout_1": (dict(dropout_p=1.0), r"dropout_p must be a number in \[0, 1\)"),
+    "eps_negative": (dict(eps=-1.0), r"eps must be"),
+    "weight_none": (dict(weight=None), r"weight must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(LAYER_NORM_BAD))
+def test_layer_norm_rejects_bad_arguments(case, impl):
+    args = dict(x=torch.randn(4, 16), weight=torch.ones(16), bias=torch.zeros(16))
+    change, match = LAYER_NORM_BAD[case]
+    args.update(change)
+    with pytest.raises(ValueError, match="layer_norm: " + match):
+        ops.layer_norm(**args, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bias_gelu_rejects_bad_bias(impl):
+    with pytest.raises(ValueError, match=r"bias_gelu: bias must be 1-D of size 16 \(x's last dim\), got shape \(15,\)"):
+        ops.bias_gelu(torch.randn(4, 16), torch.zeros(15), impl=impl)
+    with pytest.raises(ValueError, match=r"bias_gelu: x has dtype torch.int32"):
+        ops.bias_gelu(torch.zeros(4, 16, dtype=torch.int32), torch.zeros(16), impl=impl)
+
+
+def test_bias_gelu_without_bias_under_triton():
+    from _utils import triton_runnable
+    if not triton_runnable():
+        pytest.skip("Triton cannot run here")
+    x = torch.randn(3, 37)
+    torch.testing.assert_close(ops.bias_gelu(x, None, impl="triton"), reference.bias_gelu(x, None))
+
+
+@pytest.mark.parametrize("impl", ["torch", "ext"])
+def test_mlm_gather_rejects_bad_arguments(impl):
+    hidden = torch.randn(2, 9, 4)
+    for positions, match in ((torch.tensor([[0, 9], [1, 2]]), r"positions\[0, 1\] = 9 is out of range"),
+                             (torch.tensor([[0, 1], [-2, 2]]), r"positions\[1, 0\] = -2 is out of range"),
+                             (torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), r"positions must be int64"),
+                             (torch.tensor([[0, 1]]), r"positions must be 2-D \[batch, P\] with batch = 2")):
+        with pytest.raises(ValueError, match="mlm_gather: " + match):
+            ops.mlm_gather(hidden, positions, impl=impl)
+    with pytest.raises(ValueError, match=r"mlm_gather: hidden must be 3-D"):
+        ops.mlm_gather(hidden[0], torch.zeros(2, 1, dtype=torch.long), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "ext"])
+def test_softmax_cross_entropy_rejects_bad_arguments(impl):
+    logits = torch.randn(3, 5)
+    for target, match in ((torch.tensor([0, 5, -100]), r"target\[1\] = 5 is out of range"),
+                          (torch.tensor([0, -3, 1]), r"target\[1\] = -3 is out of range"),
+                          (torch.tensor([0.0, 1.0, 2.0]), r"target must be int64"),
+                          (torch.tensor([0, 1]), r"target must be 1-D \[N\] with N = 3")):
+        with pytest.raises(ValueError, match="softmax_cross_entropy: " + match):
+            ops.softmax_cross_entropy(logits, target, impl=impl)
+    with pytest.raises(ValueError, match=r"softmax_cross_entropy: logits must be 2-D"):
+        ops.softmax_cross_entropy(logits[0], torch.tensor([0]), impl=impl)

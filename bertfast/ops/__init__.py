@@ -8,6 +8,10 @@ impl:
   "auto"   - the fastest that runs on the tensors' device: on CUDA, Triton for the Triton ops and the extension
              for the extension ops; on CPU, the torch reference for the Triton ops and the extension's C++
              kernels for the extension ops.
+
+Every op checks its arguments first, the same way whatever the impl (bertfast.ops._checks): a ValueError
+(OpArgumentError) naming the argument. Checks of tensor contents (cu_seqlens, positions, targets) need a host sync
+on a GPU: they always run on CPU tensors, and on CUDA tensors unless the op is called with check_values=False.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch
 
 from bertfast import reference
 from bertfast.kernels._launch import interpreter_on
+from bertfast.ops import _checks
+from bertfast.ops._checks import OpArgumentError
 
 IMPLS = ("auto", "triton", "ext", "torch")
 
@@ -76,38 +82,52 @@ def describe(device: torch.device | str, impl: str = "auto") -> dict[str, str]:
 def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, *, x_bias=None, dropout_p: float = 0.0,
                impl: str = "auto"):
     """LayerNorm(dropout(x + x_bias) + residual) over the last dim; x_bias, dropout and residual optional."""
+    _checks.layer_norm(x, weight, bias, eps, residual, x_bias, dropout_p)
     fn = _backend("layer_norm", resolve_impl("layer_norm", impl, x.device))
     return fn(x, weight, bias, eps, residual, x_bias=x_bias, dropout_p=dropout_p)
 
 
 def bias_gelu(x, bias, *, impl: str = "auto"):
-    """Exact (erf) GELU of x + bias, bias broadcast over the last dim (impl="torch" also takes bias=None)."""
-    return _backend("bias_gelu", resolve_impl("bias_gelu", impl, x.device))(x, bias)
+    """Exact (erf) GELU of x + bias, bias [x.shape[-1]] broadcast over the last dim; bias=None: GELU of x."""
+    _checks.bias_gelu(x, bias)
+    concrete = resolve_impl("bias_gelu", impl, x.device)
+    if bias is None and concrete == "triton":
+        bias = x.new_zeros(x.shape[-1])  # the kernel always adds a bias
+    return _backend("bias_gelu", concrete)(x, bias)
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None, *, impl: str = "auto"):
     """Bidirectional attention on [batch, seqlen, heads, head_dim]; mask True = real token."""
+    _checks.attention(q, k, v, key_padding_mask, dropout_p, softmax_scale)
     fn = _backend("attention", resolve_impl("attention", impl, q.device))
     return fn(q, k, v, key_padding_mask, dropout_p, softmax_scale)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
-                     impl: str = "auto"):
-    """Attention on unpadded tokens [total_tokens, heads, head_dim], sequences delimited by cu_seqlens."""
+                     impl: str = "auto", check_values: bool = True):
+    """Attention on unpadded tokens [total_tokens, heads, head_dim], sequences delimited by cu_seqlens (int32,
+    from 0 to total_tokens, non-decreasing), max_seqlen >= the longest sequence. check_values=False skips the
+    checks of cu_seqlens' contents on CUDA (a host sync); invalid contents are then undefined behaviour."""
+    _checks.varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, check_values)
     fn = _backend("varlen_attention", resolve_impl("varlen_attention", impl, q.device))
     return fn(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
 
-def mlm_gather(hidden, positions, *, impl: str = "auto"):
-    """hidden [B, S, H], positions int64 [B, P] (-1 unused) -> [B * P, H], zero rows for -1."""
+def mlm_gather(hidden, positions, *, impl: str = "auto", check_values: bool = True):
+    """hidden [B, S, H], positions int64 [B, P] (-1 unused) -> [B * P, H], zero rows for -1. check_values=False
+    skips the range check of positions on CUDA (a host sync); the extension still asserts on the device."""
+    _checks.mlm_gather(hidden, positions, check_values)
     return _backend("mlm_gather", resolve_impl("mlm_gather", impl, hidden.device))(hidden, positions)
 
 
-def softmax_cross_entropy(logits, target, ignore_index: int = -100, *, impl: str = "auto"):
-    """Mean cross-entropy over the non-ignored rows of logits [N, V]; 0 (and zero gradients) if all ignored."""
+def softmax_cross_entropy(logits, target, ignore_index: int = -100, *, impl: str = "auto",
+                          check_values: bool = True):
+    """Mean cross-entropy over the non-ignored rows of logits [N, V]; 0 (and zero gradients) if all ignored.
+    check_values=False skips the range check of target on CUDA (a host sync); the kernels still assert there."""
+    _checks.softmax_cross_entropy(logits, target, ignore_index, check_values)
     fn = _backend("softmax_cross_entropy", resolve_impl("softmax_cross_entropy", impl, logits.device))
     return fn(logits, target, ignore_index)
 
 
-__all__ = ["IMPLS", "resolve_impl", "op_impl", "describe", "layer_norm", "bias_gelu", "attention",
+__all__ = ["IMPLS", "OpArgumentError", "resolve_impl", "op_impl", "describe", "layer_norm", "bias_gelu", "attention",
            "varlen_attention", "mlm_gather", "softmax_cross_entropy"]
