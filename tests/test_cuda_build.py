@@ -131,3 +131,17 @@ def test_no_register_spills(ptxas_report):
     spills = [r for r in ptxas_report if any(h in r["name"] for h in HOT) and r["spill_stores"] > 0]
     assert not spills, "register spills in hot kernels:\n" + "\n".join(
         f"{r['arch']} {r['name']}: {r['spill_stores']} bytes spill stores, {r['registers']} registers" for r in spills)
+
+
+def test_cpu_and_cuda_kernels_share_one_set_of_argument_checks():
+    """csrc/checks.h holds the argument checks; ops.cpp and ops_cuda.cu both include it and call every check for
+    the ops they implement, so the two sides cannot drift (the CUDA side had lost its floating-point checks)."""
+    checks = open(os.path.join(ROOT, "csrc", "checks.h")).read()
+    names = re.findall(r"inline void (check_\w+)\(", checks)
+    assert set(names) >= {"check_gather_args", "check_gather_backward_args", "check_ce_args", "check_scale_grad_args"}
+    for src in ("ops.cpp", "ops_cuda.cu"):
+        text = open(os.path.join(ROOT, "csrc", src)).read()
+        assert '#include "checks.h"' in text, src
+        for name in names:
+            assert re.search(rf"\b{name}\(", text), f"{src} does not call {name}"
+        assert "TORCH_CHECK(at::isFloatingType" not in text, f"{src} repeats a check that lives in checks.h"
