@@ -2,6 +2,15 @@
 atomic checkpoints and exact resume. `train(TrainConfig(...))` is the programmatic entry point; the CLI
 (`python -m bertfast.pretrain`) builds a TrainConfig from its flags and calls it.
 
+The run, in the order `_train` reads:
+    plan      validate_config: every check possible without data, and the one checkpoint lookup of a resume
+    prepare   device, data, model, optimizer, schedule, precision
+    restore   a resume loads weights, optimizer, schedule, data position, RunState and RNG from the checkpoint
+    loop      one optimizer step; log; epoch lines; maybe checkpoint; until the last step
+    finish    the summary, --export-hf
+The counters and metric sums live in one RunState (bertfast/run_state.py); the settings in TrainConfig
+(bertfast/train_config.py); the resume checks in bertfast/run_plan.py.
+
 Step semantics. One optimizer step consumes `grad_accum` batches of `batch_size` sequences on each of
 `world_size` ranks (the global batch). Its objective is the mean MLM cross-entropy over every predicted token of
 the global batch plus the mean NSP cross-entropy over its sequences: each micro-batch's loss is weighted by its
@@ -13,66 +22,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from bertfast import checkpoint as ckpt
 from bertfast.flops import peak_flops, training_flops
-from bertfast.model import PRESETS, BertConfig, BertForPreTraining
+from bertfast.model import BertForPreTraining
+from bertfast.run_plan import RunPlan, plan_run
+from bertfast.run_state import RunState, device_values, summarize
+from bertfast.train_config import PRECISIONS, ConfigError, TrainConfig, build_model_config
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; the CLI flags map 1:1 onto these fields (`--grad-accum` -> grad_accum)."""
-
-    preset: str = "tiny"
-    data: list[str] = field(default_factory=lambda: ["builtin"])  # NAME[:RATIO] specs for bertfast.data.load_data
-    tokenizer: str | None = None  # hub name / local folder; None trains a WordPiece vocabulary on the corpus
-    vocab_size: int = 8192  # size of the trained vocabulary (ignored with --tokenizer)
-    builtin_docs: int = 1200  # documents of the built-in corpus
-    max_len: int = 128
-    epochs: int = 6
-    max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
-    batch_size: int = 32  # sequences per rank per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 30
-    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
-    dropout: float | None = None  # None: the preset's (0.1), hidden and attention
-    precision: str = "fp32"
-    impl: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads; 0: torch's default (divided among ranks on one machine)
-    output_dir: str = "runs/bertfast"
-    checkpoint_every: int = 200  # optimizer steps; 0: only at the end
-    keep_checkpoints: int = 3
-    resume: bool = False
-    seed: int = 0
-    log_every: int = 10
-    num_workers: int = 0
-    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
-    export_hf: str | None = None
-    progress: bool = True  # the tqdm bar
-
-
-class ConfigError(ValueError):
-    """A bad setting, reported before any work starts. `flag` names the CLI flag."""
-
-    def __init__(self, flag: str, message: str):
-        self.flag, self.message = flag, message
-        super().__init__(f"argument {flag}: {message}")
+__all__ = ["TrainConfig", "ConfigError", "TrainingError", "Interrupted", "train", "validate_config",
+           "param_groups", "LinearWarmupDecay", "export_hf", "build_model_config"]
 
 
 class TrainingError(RuntimeError):
@@ -126,119 +95,10 @@ class _StopRequest:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def validate_config(cfg: TrainConfig) -> None:
-    """Raise ConfigError for a setting that cannot work, before anything is loaded or written."""
-    def need(cond, flag, msg):
-        if not cond:
-            raise ConfigError(flag, msg)
-
-    need(cfg.preset in PRESETS, "--preset", f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    need(cfg.batch_size >= 1, "--batch-size", f"must be a positive number of sequences per device, got "
-         f"{cfg.batch_size}")
-    need(cfg.grad_accum >= 1, "--grad-accum", f"must be >= 1 (1 = no accumulation), got {cfg.grad_accum}")
-    need(cfg.epochs >= 1, "--epochs", f"must be >= 1, got {cfg.epochs}")
-    need(cfg.max_steps >= 0, "--max-steps", f"must be >= 0 (0 = run --epochs), got {cfg.max_steps}")
-    need(math.isfinite(cfg.lr) and cfg.lr > 0, "--lr", f"must be a positive learning rate (e.g. 1e-4), "
-         f"got {cfg.lr}")
-    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "--weight-decay",
-         f"must be >= 0, got {cfg.weight_decay}")
-    need(cfg.warmup_steps >= 0, "--warmup-steps", f"must be >= 0, got {cfg.warmup_steps}")
-    need(cfg.clip_grad >= 0, "--clip-grad", f"must be >= 0 (0 disables clipping), got {cfg.clip_grad}")
-    need(cfg.dropout is None or 0 <= cfg.dropout < 1, "--dropout", f"must be in [0, 1), got {cfg.dropout}")
-    need(8 <= cfg.max_len <= 8192, "--max-len", f"must be in [8, 8192] tokens, got {cfg.max_len}")
-    need(cfg.vocab_size >= 16, "--vocab-size", f"must be >= 16, got {cfg.vocab_size}")
-    need(cfg.builtin_docs >= 2, "--builtin-docs", f"must be >= 2, got {cfg.builtin_docs}")
-    need(cfg.precision in PRECISIONS, "--precision", f"choose one of {', '.join(PRECISIONS)}, got "
-         f"{cfg.precision!r}")
-    from bertfast.ops import IMPLS
-    need(cfg.impl in IMPLS, "--impl", f"choose one of {', '.join(IMPLS)}, got {cfg.impl!r}")
-    need(cfg.checkpoint_every >= 0, "--checkpoint-every", f"must be >= 0 (0 = only at the end), got "
-         f"{cfg.checkpoint_every}")
-    need(cfg.keep_checkpoints >= 1, "--keep-checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
-    need(cfg.log_every >= 1, "--log-every", f"must be >= 1, got {cfg.log_every}")
-    need(cfg.num_workers >= 0, "--num-workers", f"must be >= 0, got {cfg.num_workers}")
-    need(cfg.max_bad_steps >= 1, "--max-bad-steps", f"must be >= 1, got {cfg.max_bad_steps}")
-    need(cfg.threads >= 0, "--threads", f"must be >= 0, got {cfg.threads}")
-    need(bool(cfg.data), "--data", "give at least one corpus (e.g. builtin)")
-    dev = cfg.device
-    if dev != "auto":
-        try:
-            d = torch.device(dev)
-        except (RuntimeError, ValueError):
-            raise ConfigError("--device", f"{dev!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-        need(d.type in ("cpu", "cuda"), "--device", f"{dev!r}: bertfast trains on cpu or cuda")
-        if d.type == "cuda":
-            need(torch.cuda.is_available(), "--device", f"{dev!r} asked but no CUDA GPU is visible; use "
-                 "--device cpu (or auto)")
-            need(d.index is None or d.index < torch.cuda.device_count(), "--device",
-                 f"{dev!r}: only {torch.cuda.device_count()} GPU(s) visible")
-    on_cpu = torch.device(dev).type == "cpu" if dev != "auto" else not torch.cuda.is_available()
-    if cfg.impl == "triton" and on_cpu:
-        from bertfast.kernels._launch import interpreter_on
-
-        need(interpreter_on(), "--impl", "triton on the CPU needs Triton's interpreter (slow: it is for tests), which "
-             "is off: set TRITON_INTERPRET=1 in the environment, or use --impl auto (or torch) on the CPU")
-    _check_writable(cfg.output_dir, "--output-dir")
-    if cfg.export_hf:
-        _check_writable(cfg.export_hf, "--export-hf")
-    if cfg.resume:
-        found = ckpt.find_latest_checkpoint(cfg.output_dir)
-        if found is None or found.step < 0:
-            why = ("; ".join(found.skipped) if found else
-                   f"no checkpoint under {os.path.join(cfg.output_dir, ckpt.CHECKPOINT_DIR)}")
-            raise ConfigError("--resume", f"nothing to resume in --output-dir {cfg.output_dir!r} ({why}). Drop "
-                              "--resume to start a new run, or point --output-dir at the run to continue.")
-        _check_preset_matches(cfg, found.path)
-    else:
-        found = ckpt.find_latest_checkpoint(cfg.output_dir)  # None without checkpoints; step -1: all corrupt
-        if found is not None and found.step >= 0:
-            raise ConfigError("--output-dir", f"{cfg.output_dir!r} already holds a run (its latest checkpoint is at "
-                              f"step {found.step}); a new run there would mix its metrics and checkpoints with that "
-                              "one's. Continue it with --resume, or choose a new --output-dir.")
-
-
-def _check_writable(path: str, flag: str) -> None:
-    probe_dir = os.path.abspath(path)
-    while not os.path.exists(probe_dir):  # the nearest existing ancestor must let us create the folder
-        parent = os.path.dirname(probe_dir)
-        if parent == probe_dir:
-            break
-        probe_dir = parent
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(flag, f"{path!r} exists and is not a folder; choose another path")
-    if not (os.path.isdir(probe_dir) and os.access(probe_dir, os.W_OK | os.X_OK)):
-        raise ConfigError(flag, f"{path!r} is not writable ({probe_dir!r} does not allow creating files); "
-                          "choose a folder you can write to")
-
-
-def _check_preset_matches(cfg: TrainConfig, path: str) -> None:
-    """The part of the model config known before the data is loaded must match the checkpoint's."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return  # verified already; the full check after loading reports anything else
-    want = _model_fields(cfg)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in want.items() if saved.get(k) != v]
-    if diff:
-        raise ConfigError("--resume", f"checkpoint {os.path.basename(path)} was written for another model "
-                          f"configuration ({', '.join(diff)}). Resume with the same --preset / --max-len / "
-                          "--dropout, or use a new --output-dir.")
-
-
-def _model_fields(cfg: TrainConfig) -> dict:
-    layers, hidden = PRESETS[cfg.preset]
-    d = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-             intermediate_size=4 * hidden, max_len=cfg.max_len)
-    if cfg.dropout is not None:
-        d.update(dropout=cfg.dropout, attention_dropout=cfg.dropout)
-    return d
-
-
-def build_model_config(cfg: TrainConfig, tokenizer) -> BertConfig:
-    extra = {k: v for k, v in _model_fields(cfg).items()
-             if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
-    return BertConfig.preset(cfg.preset, vocab_size=len(tokenizer), pad_token_idx=tokenizer.pad_token_id, **extra)
+def validate_config(cfg: TrainConfig) -> RunPlan:
+    """Raise ConfigError for a setting that cannot work, before any data is loaded or anything written; return
+    the plan train() follows (for a resume: the checkpoint found, its state, the checked tokenizer)."""
+    return plan_run(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
@@ -360,46 +220,13 @@ def _all_reduce_sum(t: torch.Tensor, d: _Dist) -> torch.Tensor:
     return t
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-# per-step sums kept on the device (no host sync per step): index -> meaning
-_MLM_SUM, _MLM_N, _NSP_SUM, _NSP_N, _MLM_OK, _NSP_OK = range(6)
-_NDEV = 6
-# host-side sums (known from the CPU batch): real tokens, sum of squared lengths, steps, skipped, overflow
-_TOK, _LEN2, _STEPS, _SKIPPED, _OVERFLOW = range(5)
-_NHOST = 5
-
-
-class _Window:
-    """Sums since the last log (or epoch end); all ranks reduce them together when read."""
-
-    def __init__(self, device):
-        self.device = device
-        self.dev = torch.zeros(_NDEV, dtype=torch.float64, device=device)
-        self.host = [0.0] * _NHOST
-
-    def reset(self):
-        self.dev.zero_()
-        self.host = [0.0] * _NHOST
-
-    def state(self) -> dict:
-        return {"dev": self.dev.cpu().tolist(), "host": list(self.host)}
-
-    def load(self, s: dict):
-        self.dev = torch.tensor(s["dev"], dtype=torch.float64, device=self.device)
-        self.host = list(s["host"])
-
-    def reduce(self, d: _Dist) -> tuple[list[float], list[float]]:
-        """(device sums, host sums) over all ranks (host sums: token counts add up; step counters are shared)."""
-        packed = torch.cat([self.dev, torch.tensor(self.host[:2], dtype=torch.float64, device=self.device)])
-        packed = _all_reduce_sum(packed.clone(), d).tolist()
-        return packed[:_NDEV], packed[_NDEV:] + self.host[2:]
-
-
-def _summary(dev: list[float], host: list[float]) -> dict:
-    mlm = dev[_MLM_SUM] / max(dev[_MLM_N], 1.0)
-    nsp = dev[_NSP_SUM] / max(dev[_NSP_N], 1.0)
-    return {"loss": mlm + nsp, "mlm_loss": mlm, "nsp_loss": nsp, "mlm_acc": dev[_MLM_OK] / max(dev[_MLM_N], 1.0),
-            "nsp_acc": dev[_NSP_OK] / max(dev[_NSP_N], 1.0)}
+def _select_device(cfg: TrainConfig, d: _Dist) -> torch.device:
+    """The run's device; a GPU is also made the current one (Triton launches, and anything else that uses the
+    current device rather than the tensors', then runs on it, not on GPU 0)."""
+    dev = _resolve_device(cfg, d)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -430,6 +257,62 @@ def _truncate_metrics(path: str, step: int) -> None:
     ckpt.atomic_write_text(path, "".join(keep))
 
 
+class _Batches:
+    """Micro-batches in order across epochs: next() -> (batch, its epoch, whether it ends that epoch)."""
+
+    def __init__(self, loader):
+        self.loader, self.per_epoch = loader, len(loader)
+        self._it, self._fresh = None, 0
+
+    def next(self):
+        while True:
+            if self._it is None:
+                self._it = iter(self.loader)
+                self._fresh += 1
+                if self._fresh > 2:
+                    raise TrainingError("the data loader yields no batches")
+            epoch = self.loader.epoch
+            try:
+                b = next(self._it)
+            except StopIteration:
+                self._it = None
+                continue
+            self._fresh = 0
+            return b, epoch, self.loader.consumed == self.per_epoch
+
+
+@dataclass
+class _Run:
+    """Everything the loop works with; `state` is what changes from step to step."""
+
+    cfg: TrainConfig
+    d: _Dist
+    log: object
+    device: torch.device
+    threads: int
+    tokenizer: object
+    loader: object
+    mcfg: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LinearWarmupDecay
+    scaler: torch.amp.GradScaler
+    state: RunState
+    ddp_model: torch.nn.Module | None = None
+    resume_rng: dict | None = None
+    peak: float | None = None  # the device's peak FLOP/s, for MFU
+    flops: float = 0.0  # training FLOPs since the last log
+    t_window: float = 0.0  # when the log window began
+    window_from: int = 0  # the step the log window began after
+
+    def say(self, msg: str) -> None:
+        _say(msg, self.d, self.log)
+
+    def autocast(self):
+        dtype = PRECISIONS[self.cfg.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
     """Pretrain as `cfg` says; returns a summary {"step", "loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc",
     "checkpoint", "output_dir", "epochs": [per-epoch summaries]}.
@@ -444,16 +327,15 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
     logged and back-propagated (e.g. to inject a non-finite value). Raises ConfigError for bad settings (before
     any work), TrainingError when the run must stop, checkpoint.CheckpointError for a checkpoint that does not
     fit."""
-    validate_config(cfg)
-    from bertfast import ops
-    from bertfast.data import load_data
-
+    plan = validate_config(cfg)
+    if plan.nothing_left:
+        return _nothing_left(plan, log)
     dev_type = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
         else "cpu"
     dist_ = _setup_distributed(dev_type)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, dist_, log, loss_hook, ops, load_data)
+        return _train(plan, dist_, log, loss_hook)
     finally:
         torch.set_num_threads(threads)  # the run's setting is not left behind for the caller
         if dist_.initialized_here:
@@ -462,36 +344,53 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
             dist.destroy_process_group()
 
 
-def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
-    device = _resolve_device(cfg, d)
+def _train(plan: RunPlan, d: _Dist, log, loss_hook) -> dict:
+    run = _prepare(plan, d, log)
+    if plan.resuming:
+        _restore(run, plan)
+    _write_run_files(run, plan)
+    _announce(run, plan)
+    _start_rng(run)
+    batches = _Batches(run.loader)
+    metrics_f, bar = _open_outputs(run, plan)
+    stop = _StopRequest(lambda m: print(m, file=sys.stderr, flush=True) if d.is_main else None)
+    stop.install()
+    run.t_window = time.perf_counter()
+    try:
+        while not run.state.done:
+            ended, grad_norm, stop_signum = _optimizer_step(run, batches, loss_hook, stop)
+            if bar is not None:
+                bar.update(1)
+            _check_bad_steps(run)
+            if run.state.step % run.cfg.log_every == 0 or run.state.done:
+                _log(run, grad_norm, metrics_f, bar)
+            _report_epochs(run, ended, bar)
+            _maybe_checkpoint(run, stop_signum)
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        if metrics_f is not None:
+            metrics_f.close()
+    return _finish(run)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def _prepare(plan: RunPlan, d: _Dist, log) -> _Run:
+    """Device, data, model, optimizer, schedule and precision; nothing under --output-dir is written yet."""
+    cfg = plan.cfg
+    device = _select_device(cfg, d)
     threads = cfg.threads or max(1, torch.get_num_threads() // (d.local_world_size if device.type == "cpu" else 1))
     torch.set_num_threads(threads)
-    out = cfg.output_dir
-    if d.is_main:
-        os.makedirs(out, exist_ok=True)
-
-    found = ckpt.find_latest_checkpoint(out) if cfg.resume else None
-    if found is not None:
-        for msg in found.skipped:
-            _say(f"warning: {msg}; using the previous good checkpoint {os.path.basename(found.path)}", d, log)
-
-    # ---- data (rank 0 first: it trains / caches the tokenizer and the processed corpus; the others reuse them)
-    if not d.is_main:
-        _barrier(d)
-    tokenizer, loader = load_data(
-        cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, max_len=cfg.max_len,
-        batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=d.rank,
-        world_size=d.world_size, output_dir=out, drop_last=True, builtin_docs=cfg.builtin_docs,
-        pin_memory=device.type == "cuda")
-    if d.is_main:
-        _barrier(d)
-    batches_per_epoch = len(loader)
-    total_steps = cfg.max_steps or (cfg.epochs * batches_per_epoch) // cfg.grad_accum
+    tokenizer, loader = _load_data(plan, d, device)
+    total_steps = plan.total_steps(len(loader))
     if total_steps < 1:
         raise ConfigError("--grad-accum", f"{cfg.grad_accum} micro-batches per step but an epoch has only "
-                          f"{batches_per_epoch} batches: lower --grad-accum or --batch-size, or set --max-steps")
-
-    # ---- model, optimizer, schedule, precision
+                          f"{len(loader)} batches: lower --grad-accum or --batch-size, or set --max-steps")
+    if cfg.warmup_steps > total_steps:
+        _say(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {total_steps} steps: the "
+             f"warmup is cut to {total_steps} steps, so the learning rate rises over the whole run and never decays; lower "
+             "--warmup-steps", d, log)
     mcfg = build_model_config(cfg, tokenizer)
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     model = BertForPreTraining(mcfg, impl=cfg.impl).to(device)
@@ -501,276 +400,308 @@ def _train(cfg, d: _Dist, log, loss_hook, ops, load_data) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
                                   fused=True)
     scheduler = LinearWarmupDecay(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
-    amp_dtype = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    peak = peak_flops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
+    return _Run(cfg=cfg, d=d, log=log, device=device, threads=threads, tokenizer=tokenizer, loader=loader,
+                mcfg=mcfg, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                state=RunState(device, total_steps), peak=peak)
 
-    step = 0
-    epoch_stats: list[dict] = []
-    window, epoch_win = _Window(device), _Window(device)
-    bad_in_row = 0
-    last_ckpt = None
-    if found is not None:
-        ckpt.check_model_config(found.path, mcfg.to_dict())
-        state = ckpt.load_checkpoint(found.path, model, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        try:
-            loader.load_state_dict(state["data"])
-        except ValueError as e:
-            raise ConfigError("--resume", f"{e}. Resume with the same --batch-size, --seed, --data and number of "
-                              "processes as the checkpointed run.") from None
-        step = int(state["step"])
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != d.world_size:
-            raise ConfigError("--resume", f"checkpoint {os.path.basename(found.path)} was written by {saved_world} "
-                              f"process(es), this run has {d.world_size}: resume with the same number of processes")
-        mine = state["ranks"][d.rank]
-        window.load(mine["window"])
-        epoch_win.load(mine["epoch_window"])
-        epoch_stats = list(state.get("epochs", []))
-        bad_in_row = int(state.get("bad_in_row", 0))
-        saved_total = state.get("total_steps")
-        if saved_total is not None and saved_total != total_steps:
-            _say(f"warning: the checkpoint's run had {saved_total} total steps, this one {total_steps}: the "
-                 "learning-rate schedule changes from here", d, log)
-        resume_rng = mine["rng"]
-        last_ckpt = found.path
-        if d.is_main:
-            _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
+
+def _load_data(plan: RunPlan, d: _Dist, device: torch.device):
+    """(tokenizer, loader). Rank 0 first: it trains (or finds in its cache) the tokenizer and processes the
+    corpus; the others then reuse both. A trained vocabulary goes to the data cache, not to --output-dir: the run
+    copies it there once every check has passed. A resume uses the plan's checked tokenizer and trains none."""
+    from bertfast.data import load_data
+
+    cfg = plan.cfg
+    if not cfg.progress:
+        _quiet_datasets()
+    if not d.is_main:
+        _barrier(d)
+    tokenizer, loader = load_data(
+        cfg.data, tokenizer=plan.tokenizer if plan.resuming else cfg.tokenizer, vocab_size=cfg.vocab_size,
+        max_len=cfg.max_len, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=d.rank,
+        world_size=d.world_size, output_dir=None, drop_last=True, builtin_docs=cfg.builtin_docs,
+        pin_memory=device.type == "cuda")
+    if d.is_main:
+        _barrier(d)
+    return tokenizer, loader
+
+
+def _quiet_datasets() -> None:
+    """--no-progress also hides the `datasets` preparation bars."""
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except (ImportError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- restore
+def _restore(run: _Run, plan: RunPlan) -> None:
+    """Continue from the plan's checkpoint: weights, optimizer, schedule, GradScaler, data position, RunState;
+    the RNG state is set when the loop starts. Settings the plan lets change are applied here."""
+    found, state, cfg = plan.resume_from, plan.saved_state, run.cfg
+    ckpt.check_model_config(found.path, run.mcfg.to_dict())
+    ckpt.load_checkpoint(found.path, run.model, map_location="cpu")
+    fresh_groups = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay")} for g in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(state["optimizer"])
+    for g, fresh in zip(run.optimizer.param_groups, fresh_groups):
+        g.update(fresh)  # this run's --lr / --weight-decay (the schedule sets lr below)
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state["scaler"])
+    try:
+        run.loader.load_state_dict(state["data"])
+    except ValueError as e:
+        raise ConfigError("--resume", f"{e}. Resume with the same --batch-size, --seed, --data and number of "
+                          "processes as the checkpointed run.") from None
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != run.d.world_size:
+        raise ConfigError("--resume", f"checkpoint {os.path.basename(found.path)} was written by {saved_world} "
+                          f"process(es), this run has {run.d.world_size}: resume with the same number of processes")
+    mine = state["ranks"][run.d.rank]
+    run.state.load_state_dict(state, mine)
+    run.state.last_checkpoint = found.path
+    run.window_from = run.state.step - int(run.state.window.host["steps"])
+    run.resume_rng = mine["rng"]
+    saved_total = state.get("total_steps")
+    if saved_total is not None and saved_total != run.state.total_steps:
+        run.say(f"warning: the checkpoint's run had {saved_total} total steps, this one {run.state.total_steps}: "
+                "the learning-rate schedule changes from here")
+    if run.d.is_main:
+        _truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), run.state.step)
+
+
+def _write_run_files(run: _Run, plan: RunPlan) -> None:
+    """What this run is: its settings, its model config and (a new run's) tokenizer; written only now that every
+    check has passed."""
+    out = run.cfg.output_dir
+    if not run.d.is_main:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(run.cfg), f, indent=2)
+    with open(os.path.join(out, "model_config.json"), "w") as f:
+        json.dump(run.mcfg.to_dict(), f, indent=2)
+    for path in ckpt.remove_stale_temporaries(out):
+        run.say(f"removed {path}, left by an interrupted write")
+    tok_dir = os.path.join(out, "tokenizer")
+    if plan.restore_tokenizer:
+        ckpt.restore_tokenizer(plan.resume_from.path, tok_dir)
+    elif not plan.resuming:
+        tmp = f"{tok_dir}.tmp-{os.getpid()}"
+        run.tokenizer.save_pretrained(tmp)
+        if os.path.isdir(tok_dir):  # left by an attempt that never checkpointed
+            import shutil
+
+            shutil.rmtree(tok_dir)
+        os.replace(tmp, tok_dir)
+
+
+def _announce(run: _Run, plan: RunPlan) -> None:
+    from bertfast import ops
+
+    cfg, d, mcfg, device = run.cfg, run.d, run.mcfg, run.device
+    global_batch = cfg.batch_size * d.world_size * cfg.grad_accum
+    run.say("bertfast pretraining\n  config: " + json.dumps(dataclasses.asdict(cfg)))
+    run.say(f"  device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                                     f" ({run.threads} threads)") +
+            f", world size {d.world_size}, precision {cfg.precision}")
+    run.say("  ops: " + ", ".join(f"{k}={v}" for k, v in ops.describe(device, cfg.impl).items()))
+    run.say(f"  model: {cfg.preset} ({mcfg.num_hidden_layers} layers x {mcfg.hidden_size}, vocab "
+            f"{mcfg.vocab_size}), {run.model.num_parameters():,} parameters")
+    run.say(f"  data: {len(run.loader.pairs):,} sequence pairs, {len(run.loader)} global batches per epoch; global "
+            f"batch {global_batch} = {cfg.batch_size} per device x {d.world_size} device(s) x {cfg.grad_accum} "
+            f"accumulation; {run.state.total_steps} steps")
+    for note in plan.notes:
+        run.say(note)
+    if plan.resuming:
+        run.say(f"  resuming from {plan.resume_from.path} at step {run.state.step} (epoch {run.loader.epoch}, "
+                f"batch {run.loader.consumed})")
+
+
+def _start_rng(run: _Run) -> None:
+    """The dropout stream: different per rank, fixed per seed; a resume continues the checkpoint's. Then DDP."""
+    if run.resume_rng is None:
+        _seed_everything(run.cfg.seed + 1000003 * run.d.rank + 1)
     else:
-        resume_rng = None
-
-    ddp_model = model
-    if d.enabled:
+        ckpt.set_rng_state(run.resume_rng)
+    run.ddp_model = run.model
+    if run.d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.ddp_model = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
-    # ---- what this run is
-    if d.is_main:
-        with open(os.path.join(out, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        with open(os.path.join(out, "model_config.json"), "w") as f:
-            json.dump(mcfg.to_dict(), f, indent=2)
-        tok_dir = os.path.join(out, "tokenizer")
-        if not os.path.isdir(tok_dir):
-            tokenizer.save_pretrained(tok_dir)
-    impls = ops.describe(device, cfg.impl)
-    nparams = model.num_parameters()
-    global_batch = cfg.batch_size * d.world_size * cfg.grad_accum
-    _say("bertfast pretraining\n  config: " + json.dumps(dataclasses.asdict(cfg)), d, log)
-    _say(f"  device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                                  f" ({threads} threads)") + f", world size {d.world_size}, precision {cfg.precision}",
-         d, log)
-    _say("  ops: " + ", ".join(f"{k}={v}" for k, v in impls.items()), d, log)
-    _say(f"  model: {cfg.preset} ({mcfg.num_hidden_layers} layers x {mcfg.hidden_size}, vocab {mcfg.vocab_size}), "
-         f"{nparams:,} parameters", d, log)
-    _say(f"  data: {len(loader.pairs):,} sequence pairs, {batches_per_epoch} global batches per epoch; global batch "
-         f"{global_batch} = {cfg.batch_size} per device x {d.world_size} device(s) x {cfg.grad_accum} accumulation; "
-         f"{total_steps} steps", d, log)
-    if found is not None:
-        _say(f"  resuming from {found.path} at step {step} (epoch {loader.epoch}, batch {loader.consumed})", d, log)
 
-    # ---- the loop
-    seed_rng = resume_rng is None
-    if seed_rng:
-        _seed_everything(cfg.seed + 1000003 * d.rank + 1)  # dropout: different per rank, fixed per seed
-    else:
-        ckpt.set_rng_state(resume_rng)
-    peak = peak_flops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    # a new run starts the file afresh (metrics of an earlier attempt that never checkpointed are dropped); a
-    # resumed one appends to the file cut back to its checkpoint
-    metrics_f = open(metrics_path, "a" if found is not None else "w") if d.is_main else None
+def _open_outputs(run: _Run, plan: RunPlan):
+    """metrics.jsonl (a new run starts it afresh, dropping what an attempt that never checkpointed logged; a
+    resume appends to the file cut back to its checkpoint) and the progress bar, on rank 0."""
+    if not run.d.is_main:
+        return None, None
+    metrics_f = open(os.path.join(run.cfg.output_dir, "metrics.jsonl"), "a" if plan.resuming else "w")
     bar = None
-    if d.is_main and cfg.progress:
+    if run.cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=run.state.total_steps, initial=run.state.step, desc="train", dynamic_ncols=True,
+                   file=sys.stderr)
+    return metrics_f, bar
 
-    it = None
-    fresh_iters = 0
 
-    def next_batch():
-        nonlocal it, fresh_iters
-        while True:
-            if it is None:
-                it = iter(loader)
-                fresh_iters += 1
-                if fresh_iters > 2:
-                    raise TrainingError("the data loader yields no batches")
-            epoch = loader.epoch
-            try:
-                b = next(it)
-            except StopIteration:
-                it = None
-                continue
-            fresh_iters = 0
-            return b, epoch, loader.consumed == batches_per_epoch
+# ---------------------------------------------------------------------------------------------- one step
+def _optimizer_step(run: _Run, batches: _Batches, loss_hook, stop: _StopRequest):
+    """grad_accum micro-batches forward and backward, then the update (or a skipped step). Returns (the epochs
+    that ended, with their reduced sums), the gradient norm and the stop signal every rank agreed on."""
+    micro = [batches.next() for _ in range(run.cfg.grad_accum)]
+    n_mlm = [int((b.mlm_labels != -100).sum()) for b, _, _ in micro]
+    n_seq = [len(b) for b, _, _ in micro]
+    counts = torch.tensor([sum(n_mlm), sum(n_seq)], dtype=torch.float64, device=run.device)
+    g_mlm, g_seq = (max(x, 1.0) for x in _all_reduce_sum(counts, run.d).tolist())
+    finite = torch.ones((), dtype=torch.bool, device=run.device)
+    ended = []
+    for i, (b, epoch, last_of_epoch) in enumerate(micro):
+        last = i == len(micro) - 1
+        finite &= _micro_step(run, b, n_mlm[i], n_seq[i], g_mlm, g_seq, last, loss_hook)
+        if last_of_epoch:
+            ended.append((epoch, run.state.epoch.reduce(lambda t: _all_reduce_sum(t, run.d))))
+            run.state.epoch.reset()
+    grad_norm, stop_signum = _update(run, finite, stop)
+    return ended, grad_norm, stop_signum
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    t_window = time.perf_counter()
-    flops_window = 0.0
-    result = {}
-    stop = _StopRequest(lambda m: print(m, file=sys.stderr, flush=True) if d.is_main else None)
-    stop.install()
-    try:
-        while step < total_steps:
-            micro = [next_batch() for _ in range(cfg.grad_accum)]
-            n_mlm = [int((b.mlm_labels != -100).sum()) for b, _, _ in micro]
-            n_seq = [len(b) for b, _, _ in micro]
-            counts = torch.tensor([sum(n_mlm), sum(n_seq)], dtype=torch.float64, device=device)
-            g_mlm, g_seq = (max(x, 1.0) for x in _all_reduce_sum(counts, d).tolist())
-            finite = torch.ones((), dtype=torch.bool, device=device)
-            ended = []
-            for i, (b, epoch, last_of_epoch) in enumerate(micro):
-                lens = b.attention_mask.sum(1, dtype=torch.float64)
-                tokens, len2 = float(lens.sum()), float((lens * lens).sum())
-                flops_window += training_flops(mcfg, tokens, len2, n_mlm[i], n_seq[i])
-                x = b.to(device, non_blocking=True)
-                sync = contextlib.nullcontext() if (not d.enabled or i == len(micro) - 1) else ddp_model.no_sync()
-                with sync:
-                    with autocast():
-                        o = ddp_model(**x.model_inputs(static_mlm=True))
-                    mlm_loss = o.mlm_loss if loss_hook is None else loss_hook(step, o.mlm_loss)
-                    mlm_sum = mlm_loss.float() * n_mlm[i]
-                    nsp_sum = o.nsp_loss.float() * n_seq[i]
-                    loss = (mlm_sum / g_mlm + nsp_sum / g_seq) * d.world_size  # DDP averages over ranks
-                    scaler.scale(loss).backward()
-                with torch.no_grad():
-                    finite &= torch.isfinite(loss.detach())
-                    tgt = o.mlm_targets
-                    mlm_ok = ((o.prediction_scores.argmax(-1) == tgt) & (tgt != -100)).sum()
-                    nsp_ok = (o.seq_relationship_score.argmax(-1) == x.is_next).sum()
-                    vals = torch.stack([mlm_sum.detach().double(), torch.tensor(float(n_mlm[i]), device=device,
-                                        dtype=torch.float64), nsp_sum.detach().double(),
-                                        torch.tensor(float(n_seq[i]), device=device, dtype=torch.float64),
-                                        mlm_ok.double(), nsp_ok.double()])
-                    for w in (window, epoch_win):
-                        w.dev += vals
-                        w.host[_TOK] += tokens
-                        w.host[_LEN2] += len2
-                if last_of_epoch:
-                    ended.append((epoch, epoch_win.reduce(d)))
-                    epoch_win.reset()
 
-            # ---- the update (or a skipped step)
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # one host sync per step for three flags; under DDP the MAX over ranks makes every rank skip the same
-            # steps and stop at the same step when any of them got a signal
-            flags = torch.stack([(~finite).double(), (~torch.isfinite(grad_norm)).double(),
-                                 torch.full((), float(stop.signum or 0), dtype=torch.float64, device=device)])
-            if d.enabled:
-                import torch.distributed as dist
+def _micro_step(run: _Run, b, n_mlm: int, n_seq: int, g_mlm: float, g_seq: float, last: bool, loss_hook):
+    """Forward and backward of one micro-batch, its loss weighted by its share of the global counts; adds its
+    metrics to the windows. Returns whether its loss was finite (a device tensor: no host sync)."""
+    d, st = run.d, run.state
+    lens = b.attention_mask.sum(1, dtype=torch.float64)
+    tokens, len_sq = float(lens.sum()), float((lens * lens).sum())
+    run.flops += training_flops(run.mcfg, tokens, len_sq, n_mlm, n_seq)
+    x = b.to(run.device, non_blocking=True)
+    sync = contextlib.nullcontext() if (not d.enabled or last) else run.ddp_model.no_sync()
+    with sync:
+        with run.autocast():
+            o = run.ddp_model(**x.model_inputs(static_mlm=True))
+        mlm_loss = o.mlm_loss if loss_hook is None else loss_hook(st.step, o.mlm_loss)
+        mlm_sum = mlm_loss.float() * n_mlm
+        nsp_sum = o.nsp_loss.float() * n_seq
+        loss = (mlm_sum / g_mlm + nsp_sum / g_seq) * d.world_size  # DDP averages over ranks
+        run.scaler.scale(loss).backward()
+    with torch.no_grad():
+        tgt = o.mlm_targets
+        mlm_ok = ((o.prediction_scores.argmax(-1) == tgt) & (tgt != -100)).sum()
+        nsp_ok = (o.seq_relationship_score.argmax(-1) == x.is_next).sum()
+        vals = device_values(mlm_loss_sum=mlm_sum, mlm_count=n_mlm, nsp_loss_sum=nsp_sum, nsp_count=n_seq,
+                             mlm_correct=mlm_ok, nsp_correct=nsp_ok)
+        for w in (st.window, st.epoch):
+            w.add_batch(vals, tokens, len_sq)
+        return torch.isfinite(loss.detach())
 
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            loss_bad, grad_bad, stop_signum = flags.tolist()
-            loss_bad, grad_bad, stop_signum = loss_bad > 0, grad_bad > 0, int(stop_signum)
-            bad = loss_bad or (grad_bad and not scaler.is_enabled())
-            if bad:
-                bad_in_row += 1
-                window.host[_SKIPPED] += 1
-                if scaler.is_enabled():
-                    scaler.update()  # lowers the scale, as after an overflow
-            else:
-                bad_in_row = 0
-                if scaler.is_enabled():
-                    scale = scaler.get_scale()
-                    scaler.step(optimizer)  # skips the update itself if a gradient overflowed
-                    scaler.update()
-                    if scaler.get_scale() < scale:
-                        window.host[_OVERFLOW] += 1
-                else:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            window.host[_STEPS] += 1
-            if bar is not None:
-                bar.update(1)
 
-            if bad_in_row >= cfg.max_bad_steps:
-                where = (f"the last good checkpoint, {last_ckpt}, is intact: resume from it with --resume"
-                         if last_ckpt else "no checkpoint had been written yet")
-                raise TrainingError(
-                    f"stopping at step {step}: {bad_in_row} non-finite losses in a row (--max-bad-steps "
-                    f"{cfg.max_bad_steps}); {where}. Lower --lr, raise --warmup-steps, or use --precision bf16 / "
-                    "fp32.")
+def _update(run: _Run, finite: torch.Tensor, stop: _StopRequest):
+    """Clip, then step the optimizer unless a loss was non-finite on any rank; advance the schedule and the step.
+    Returns (gradient norm, the stop signal any rank received, 0 if none)."""
+    st, scaler, optimizer = run.state, run.scaler, run.optimizer
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    max_norm = run.cfg.clip_grad if run.cfg.clip_grad > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], max_norm)
+    # one host sync per step for three flags; under DDP the MAX over ranks makes every rank skip the same steps
+    # and stop at the same step when any of them got a signal
+    flags = torch.stack([(~finite).double(), (~torch.isfinite(grad_norm)).double(),
+                         torch.full((), float(stop.signum or 0), dtype=torch.float64, device=run.device)])
+    if run.d.enabled:
+        import torch.distributed as dist
 
-            # ---- logs
-            if step % cfg.log_every == 0 or step == total_steps:
-                dsum, hsum = window.reduce(d)
-                now = time.perf_counter()
-                dt = max(now - t_window, 1e-9)
-                rec = {"step": step, **_summary(dsum, hsum), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "tokens_per_s": hsum[_TOK] / dt,
-                       "skipped_steps": int(hsum[_SKIPPED]), "epoch": loader.epoch}
-                if scaler.is_enabled():
-                    rec["loss_scale"] = scaler.get_scale()
-                    rec["overflow_steps"] = int(hsum[_OVERFLOW])
-                if peak:
-                    rec["mfu"] = flops_window * d.world_size / dt / (peak * d.world_size)
-                    rec["tflops_per_s"] = flops_window * d.world_size / dt / 1e12
-                if metrics_f is not None:
-                    metrics_f.write(json.dumps(rec) + "\n")
-                    metrics_f.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", mlm_acc=f"{rec['mlm_acc']:.3f}",
-                                    nsp_acc=f"{rec['nsp_acc']:.3f}", lr=f"{rec['lr']:.2e}",
-                                    tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-                result = rec
-                window.reset()
-                t_window, flops_window = time.perf_counter(), 0.0
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    loss_bad, grad_bad, stop_signum = flags.tolist()
+    if loss_bad > 0 or (grad_bad > 0 and not scaler.is_enabled()):
+        st.bad_in_row += 1
+        st.window.count("skipped")
+        if scaler.is_enabled():
+            scaler.update()  # lowers the scale, as after an overflow
+    else:
+        st.bad_in_row = 0
+        if scaler.is_enabled():
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips the update itself if a gradient overflowed
+            scaler.update()
+            if scaler.get_scale() < scale:
+                st.window.count("overflow")
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    st.step += 1
+    st.window.count("steps")
+    return grad_norm, int(stop_signum)
 
-            for epoch, (dsum, hsum) in ended:
-                s = _summary(dsum, hsum)
-                epoch_stats.append({"epoch": epoch, "step": step, **s})
-                msg = (f"EP{epoch}_train, avg_loss={s['loss']:.4f} (mlm {s['mlm_loss']:.4f}, nsp "
-                       f"{s['nsp_loss']:.4f}), NSP_acc={100 * s['nsp_acc']:.2f}%, MLM_acc={100 * s['mlm_acc']:.2f}%")
-                if bar is not None:
-                    bar.write(msg)
-                else:
-                    _say(msg, d, log)
 
-            # ---- checkpoints
-            due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps
-            if due or stop_signum:  # a stop writes the checkpoint of the step it stops at
-                last_ckpt = _save(cfg, d, model, mcfg, optimizer, scheduler, scaler, loader, step, total_steps,
-                                  window, epoch_win, epoch_stats, bad_in_row)
-            if stop_signum and step < total_steps:
-                raise Interrupted(stop_signum, step, last_ckpt)
-    finally:
-        stop.restore()
+def _check_bad_steps(run: _Run) -> None:
+    st, cfg = run.state, run.cfg
+    if st.bad_in_row >= cfg.max_bad_steps:
+        where = (f"the last good checkpoint, {st.last_checkpoint}, is intact: resume from it with --resume"
+                 if st.last_checkpoint else "no checkpoint had been written yet")
+        raise TrainingError(f"stopping at step {st.step}: {st.bad_in_row} non-finite losses in a row "
+                            f"(--max-bad-steps {cfg.max_bad_steps}); {where}. Lower --lr, raise --warmup-steps, or "
+                            "use --precision bf16 / fp32.")
+
+
+# ---------------------------------------------------------------------------------------------- log, epochs
+def _log(run: _Run, grad_norm: torch.Tensor, metrics_f, bar) -> None:
+    """One metrics.jsonl record over the window since the last one (all ranks reduce; rank 0 writes)."""
+    st, d = run.state, run.d
+    sums = st.window.reduce(lambda t: _all_reduce_sum(t, d))
+    dt = max(time.perf_counter() - run.t_window, 1e-9)
+    rec = {"step": st.step, **summarize(sums), "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+           "tokens_per_s": sums["tokens"] / dt, "skipped_steps": int(sums["skipped"]), "epoch": run.loader.epoch}
+    if run.scaler.is_enabled():
+        rec["loss_scale"] = run.scaler.get_scale()
+        rec["overflow_steps"] = int(sums["overflow"])
+    if run.peak:
+        rec["mfu"] = run.flops * d.world_size / dt / (run.peak * d.world_size)
+        rec["tflops_per_s"] = run.flops * d.world_size / dt / 1e12
+    if metrics_f is not None:
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+    if bar is not None:
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", mlm_acc=f"{rec['mlm_acc']:.3f}", nsp_acc=f"{rec['nsp_acc']:.3f}",
+                        lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+    st.last_log = rec
+    st.last_log["window_from"] = run.window_from
+    st.window.reset()
+    run.window_from = st.step
+    run.t_window, run.flops = time.perf_counter(), 0.0
+
+
+def _report_epochs(run: _Run, ended: list, bar) -> None:
+    for epoch, sums in ended:
+        s = summarize(sums)
+        run.state.epochs.append({"epoch": epoch, "step": run.state.step, **s})
+        msg = (f"EP{epoch}_train, avg_loss={s['loss']:.4f} (mlm {s['mlm_loss']:.4f}, nsp {s['nsp_loss']:.4f}), "
+               f"NSP_acc={100 * s['nsp_acc']:.2f}%, MLM_acc={100 * s['mlm_acc']:.2f}%")
         if bar is not None:
-            bar.close()
-        if metrics_f is not None:
-            metrics_f.close()
-
-    if d.is_main:
-        if result:
-            log(f"done: {step} steps; last logged loss {result['loss']:.4f}, NSP acc "
-                f"{100 * result['nsp_acc']:.1f}%; checkpoint {last_ckpt}")
-        else:  # --resume of a run that had already reached its last step
-            log(f"done: nothing left to train, {last_ckpt} is already at the run's last step ({step}); raise "
-                "--max-steps or --epochs to train further")
-        if cfg.export_hf:
-            export_hf(model, cfg.export_hf, tokenizer)
-            log(f"exported a transformers BertForPreTraining + tokenizer to {cfg.export_hf}")
-    _barrier(d)
-    return {**{k: result.get(k) for k in ("step", "loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")},
-            "step": step, "checkpoint": last_ckpt, "output_dir": out, "epochs": epoch_stats}
+            bar.write(msg)
+        else:
+            run.say(msg)
 
 
-def _save(cfg, d, model, mcfg, optimizer, scheduler, scaler, loader, step, total_steps, window, epoch_win,
-          epoch_stats, bad_in_row) -> str | None:
-    # per-rank parts: RNG states and the metric sums not yet reduced (each rank resumes with its own)
-    mine = {"rng": ckpt.rng_state(), "window": window.state(), "epoch_window": epoch_win.state()}
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _maybe_checkpoint(run: _Run, stop_signum: int) -> None:
+    """At --checkpoint-every, at the last step, and at the step a stop request ends (then raise Interrupted)."""
+    st, cfg = run.state, run.cfg
+    due = (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0) or st.done
+    if due or stop_signum:
+        st.last_checkpoint = _save(run)
+    if stop_signum and not st.done:
+        raise Interrupted(stop_signum, st.step, st.last_checkpoint)
+
+
+def _save(run: _Run) -> str:
+    """Write the checkpoint of the current step (rank 0 writes; every rank contributes its RNG and sums)."""
+    st, d, cfg = run.state, run.d, run.cfg
+    mine = {"rng": ckpt.rng_state(), **st.rank_state_dict()}
     if d.enabled:
         import torch.distributed as dist
 
@@ -778,17 +709,57 @@ def _save(cfg, d, model, mcfg, optimizer, scheduler, scaler, loader, step, total
         dist.all_gather_object(ranks, mine)
     else:
         ranks = [mine]
-    path = None
     if d.is_main:
-        state = {"step": step, "total_steps": total_steps, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "data": loader.state_dict(), "ranks": ranks, "epochs": epoch_stats, "bad_in_row": bad_in_row,
-                 "train_config": dataclasses.asdict(cfg), "world_size": d.world_size}
-        path = ckpt.save_checkpoint(cfg.output_dir, step, model, mcfg.to_dict(), state, keep=cfg.keep_checkpoints)
+        state = {**st.state_dict(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                 "data": run.loader.state_dict(), "ranks": ranks, "train_config": dataclasses.asdict(cfg),
+                 "world_size": d.world_size}
+        path = ckpt.save_checkpoint(cfg.output_dir, st.step, run.model, run.mcfg.to_dict(), state,
+                                    keep=cfg.keep_checkpoints, tokenizer=run.tokenizer, log=run.say)
     else:
-        path = os.path.join(cfg.output_dir, ckpt.CHECKPOINT_DIR, ckpt.checkpoint_name(step))
+        path = os.path.join(cfg.output_dir, ckpt.CHECKPOINT_DIR, ckpt.checkpoint_name(st.step))
     _barrier(d)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- finish
+def _finish(run: _Run) -> dict:
+    st, cfg = run.state, run.cfg
+    rec = st.last_log
+    if run.d.is_main and not rec:  # a resume whose step count was only known once the data was loaded
+        run.log(f"done: nothing left to train, {st.last_checkpoint} is already at the run's last step ({st.step}); "
+                "raise --max-steps or --epochs to train further")
+    elif run.d.is_main:
+        run.log(f"done: {st.step} steps; over steps {rec['window_from'] + 1}-{st.step} (the last logged window): "
+                f"loss {rec['loss']:.4f} (mlm {rec['mlm_loss']:.4f}, nsp {rec['nsp_loss']:.4f}), MLM acc "
+                f"{100 * rec['mlm_acc']:.1f}%, NSP acc {100 * rec['nsp_acc']:.1f}%; checkpoint {st.last_checkpoint}")
+    if run.d.is_main and cfg.export_hf:
+        export_hf(run.model, cfg.export_hf, run.tokenizer)
+        run.log(f"exported a transformers BertForPreTraining + tokenizer to {cfg.export_hf}")
+    _barrier(run.d)
+    return _summary(st.step, rec, st.last_checkpoint, cfg.output_dir, st.epochs)
+
+
+def _summary(step, rec, checkpoint, output_dir, epochs) -> dict:
+    return {**{k: rec.get(k) for k in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")}, "step": step,
+            "checkpoint": checkpoint, "output_dir": output_dir, "epochs": epochs}
+
+
+def _nothing_left(plan: RunPlan, log) -> dict:
+    """--resume of a run already at its last step: say so before any data is prepared (rank 0 speaks)."""
+    step, path = int(plan.saved_state["step"]), plan.resume_from.path
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"done: nothing left to train, {path} is already at the run's last step ({step}); raise --max-steps or "
+            "--epochs to train further")
+        if plan.cfg.export_hf:
+            from bertfast.model import BertConfig
+
+            with open(os.path.join(path, "config.json")) as f:
+                model = BertForPreTraining(BertConfig.from_dict(json.load(f)))
+            ckpt.load_checkpoint(path, model)
+            export_hf(model, plan.cfg.export_hf, plan.tokenizer)
+            log(f"exported a transformers BertForPreTraining + tokenizer to {plan.cfg.export_hf}")
+    return _summary(step, {}, path, plan.cfg.output_dir, list(plan.saved_state.get("epochs", [])))
 
 
 def export_hf(model, output_dir: str, tokenizer=None) -> str:
@@ -801,7 +772,3 @@ def export_hf(model, output_dir: str, tokenizer=None) -> str:
         return _export(model, output_dir, tokenizer)
     finally:
         model.train(was_training)
-
-
-__all__ = ["TrainConfig", "ConfigError", "TrainingError", "Interrupted", "train", "validate_config",
-           "param_groups", "LinearWarmupDecay", "export_hf", "build_model_config"]

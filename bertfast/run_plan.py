@@ -1,0 +1,173 @@
+"""Before a run does any work: every check that can be made without loading data, and the one checkpoint lookup
+of a resume. `plan_run(cfg)` returns a RunPlan the trainer follows (it never looks the checkpoint up again).
+
+Resume policy, per TrainConfig field, comparing with the train_config saved in the checkpoint:
+  refused (ConfigError before any data loads): what the data stream, the model or the tokenizer depend on:
+      RESUME_MUST_MATCH below; the tokenizer itself is compared by fingerprint, not by name.
+  applied from the resumed step, and said at start: every other field (lr, weight decay, warmup, epochs /
+      max steps, clipping, precision, logging and checkpoint cadence, ...); --lr, --warmup-steps and the total
+      steps reshape the learning-rate schedule from that step on.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from bertfast import checkpoint as ckpt
+from bertfast.train_config import ConfigError, TrainConfig, check_settings, flag_of, model_fields
+
+# the data order and masks (data, builtin_docs, seed, batch_size, grad_accum), the model (preset, max_len,
+# dropout) and the trained vocabulary (vocab_size)
+RESUME_MUST_MATCH = ("preset", "max_len", "dropout", "data", "builtin_docs", "vocab_size", "seed", "batch_size",
+                     "grad_accum")
+RESUME_IGNORED = ("output_dir", "resume", "tokenizer")  # the tokenizer: checked by fingerprint
+
+
+@dataclass
+class RunPlan:
+    cfg: TrainConfig
+    resume_from: ckpt.FoundCheckpoint | None = None  # the intact checkpoint a resume starts from
+    saved_state: dict | None = None  # its state.pt (optimizer, data position, RNG, run state)
+    tokenizer: object | None = None  # a resume's tokenizer, loaded and checked against the checkpoint
+    notes: list[str] = field(default_factory=list)  # said at start (skipped checkpoints, applied changes)
+    restore_tokenizer: bool = False  # OUTPUT_DIR/tokenizer is missing: put the checkpoint's copy back
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_from is not None
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        return self.cfg.max_steps or (self.cfg.epochs * batches_per_epoch) // self.cfg.grad_accum
+
+    @property
+    def nothing_left(self) -> bool:
+        """A resume of a run already at its last step (known before any data loads)."""
+        if not self.resuming:
+            return False
+        bpe = self.saved_state.get("data", {}).get("batches_per_epoch")
+        if not self.cfg.max_steps and bpe is None:
+            return False
+        return int(self.saved_state["step"]) >= self.total_steps(bpe or 0)
+
+
+def plan_run(cfg: TrainConfig) -> RunPlan:
+    check_settings(cfg)
+    plan = RunPlan(cfg)
+    if not cfg.resume:
+        found = ckpt.find_latest_checkpoint(cfg.output_dir)  # None without checkpoints; step -1: all corrupt
+        if found is not None and found.step >= 0:
+            raise ConfigError("--output-dir", f"{cfg.output_dir!r} already holds a run (its latest checkpoint is at "
+                              f"step {found.step}); a new run there would mix its metrics and checkpoints with that "
+                              "one's. Continue it with --resume, or choose a new --output-dir.")
+        return plan
+    found = ckpt.find_latest_checkpoint(cfg.output_dir)
+    if found is None or found.step < 0:
+        why = ("; ".join(found.skipped) if found else
+               f"no checkpoint under {os.path.join(cfg.output_dir, ckpt.CHECKPOINT_DIR)}")
+        raise ConfigError("--resume", f"nothing to resume in --output-dir {cfg.output_dir!r} ({why}). Drop "
+                          "--resume to start a new run, or point --output-dir at the run to continue.")
+    plan.resume_from = found
+    plan.notes += [f"warning: {m}; using the previous good checkpoint {os.path.basename(found.path)}"
+                   for m in found.skipped]
+    _check_model_matches(cfg, found.path)
+    plan.saved_state = _load_state(found.path)
+    _check_resume_settings(plan)
+    plan.tokenizer = _resume_tokenizer(plan)
+    return plan
+
+
+def _load_state(path: str) -> dict:
+    import torch
+
+    # our own file, written by save_checkpoint and verified against its manifest: it holds numpy RNG state
+    return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+
+
+def _check_model_matches(cfg: TrainConfig, path: str) -> None:
+    """The part of the model config known before the data is loaded must match the checkpoint's."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # verified already; the full check after loading reports anything else
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in model_fields(cfg).items()
+            if saved.get(k) != v]
+    if diff:
+        raise ConfigError("--resume", f"checkpoint {os.path.basename(path)} was written for another model "
+                          f"configuration ({', '.join(diff)}). Resume with the same --preset / --max-len / "
+                          "--dropout, or use a new --output-dir.")
+
+
+def _check_resume_settings(plan: RunPlan) -> None:
+    """Refuse a change the data stream or the model depends on; list the others as applied from this step."""
+    cfg, saved = plan.cfg, plan.saved_state.get("train_config", {})
+    name = os.path.basename(plan.resume_from.path)
+    changed = [(k, saved[k], getattr(cfg, k)) for k in sorted(saved)
+               if hasattr(cfg, k) and k not in RESUME_IGNORED and _differs(saved[k], getattr(cfg, k))]
+    refused = [(k, a, b) for k, a, b in changed if k in RESUME_MUST_MATCH]
+    if refused:
+        what = ", ".join(f"{flag_of(k)} {b!r} (checkpoint: {a!r})" for k, a, b in refused)
+        raise ConfigError("--resume", f"{what} differ from the run in checkpoint {name}; the data order, masks, "
+                          "model or vocabulary depend on them, so a resume must keep them. Resume with the run's "
+                          "values (see its train_config.json), or start a new run in another --output-dir.")
+    applied = [(k, a, b) for k, a, b in changed if k not in RESUME_MUST_MATCH]
+    if applied:
+        plan.notes.append("note: changed since checkpoint " + name + ", applied from this step: " +
+                          ", ".join(f"{flag_of(k)} {a!r} -> {b!r}" for k, a, b in applied))
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) != list(b)
+    return a != b
+
+
+def _resume_tokenizer(plan: RunPlan):
+    """The run's tokenizer, refused unless it is the one the checkpoint was trained with (by fingerprint): --tokenizer
+    if given, else OUTPUT_DIR/tokenizer, else the copy stored in the checkpoint (put back in OUTPUT_DIR once every
+    check passed). A resume never trains a vocabulary: new ids under trained embeddings would scramble the model."""
+    cfg, path = plan.cfg, plan.resume_from.path
+    name = os.path.basename(path)
+    run_dir = os.path.join(cfg.output_dir, "tokenizer")
+    stored = ckpt.checkpoint_tokenizer(path).dir
+    if cfg.tokenizer:
+        src, flag = cfg.tokenizer, "--tokenizer"
+    elif os.path.isdir(run_dir):
+        src, flag = run_dir, "--resume"
+    elif stored is not None:
+        src, flag = stored, "--resume"
+        plan.notes.append(f"note: {run_dir} is missing; using the tokenizer stored in checkpoint {name} (copied "
+                          "back there)")
+        plan.restore_tokenizer = True
+    else:
+        raise ConfigError("--resume", f"the run's tokenizer folder {run_dir!r} is missing and checkpoint {name} holds "
+                          "no copy; a resume never trains a new vocabulary (the token ids would move under the "
+                          "trained embeddings). Restore that folder, or pass --tokenizer with the tokenizer the run "
+                          "was trained with.")
+    tok = _load_tokenizer(src, flag)
+    try:
+        recorded = ckpt.check_tokenizer(path, tok)
+    except ckpt.CheckpointError as e:
+        fix = (" Remove that folder to use the checkpoint's own copy, or restore the run's tokenizer there."
+               if src == run_dir and stored is not None else "")
+        raise ConfigError(flag, f"{e} (the tokenizer came from {src}).{fix}") from None
+    if not recorded:  # a checkpoint from before tokenizer records: the vocabulary size is all there is to compare
+        with open(os.path.join(path, "config.json")) as f:
+            saved_vocab = json.load(f).get("vocab_size")
+        if saved_vocab != len(tok):
+            raise ConfigError(flag, f"the tokenizer in {src!r} has {len(tok)} tokens, checkpoint {name} was trained "
+                              f"with {saved_vocab}: resume with the run's own tokenizer")
+        plan.notes.append(f"note: checkpoint {name} does not record its tokenizer; only the vocabulary size of {src} "
+                          "could be checked")
+    return tok
+
+
+def _load_tokenizer(src: str, flag: str):
+    from bertfast.data import DataError
+    from bertfast.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(src)
+    except DataError as e:
+        raise ConfigError(flag, f"cannot load the run's tokenizer: {e}") from None

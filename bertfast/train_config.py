@@ -1,0 +1,232 @@
+"""TrainConfig: every setting of a pretraining run, with the help text of its CLI flag; and validate_config, the
+checks that run before anything is loaded or written.
+
+Each field's metadata drives `python -m bertfast.pretrain` (bertfast/pretrain.py builds the parser from it) and
+the flag table of docs/cli.md (`python -m bertfast.pretrain --flag-table` prints it; a test keeps them equal):
+    help      the flag's help text (one sentence or two)
+    group     model | data | optimisation | run (the --help sections)
+    shown     how the default reads, when the value alone says too little (e.g. "trained" for tokenizer=None)
+    metavar   the flag's value in the usage line, when its name would be misleading
+    choices   the values argparse accepts
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from bertfast.model import PRESETS
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEED_MAX = 2 ** 32 - 1  # numpy's legacy seeding takes 32 bits
+
+
+def _opt(default, help: str, group: str, **meta):
+    """A TrainConfig field with its CLI metadata (see the module docstring)."""
+    meta.update(help=help, group=group)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; each field is one CLI flag (`grad_accum` <-> `--grad-accum`)."""
+
+    # ---- model
+    preset: str = _opt("tiny", "model size: " + ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in PRESETS.items()),
+                       "model")
+    max_len: int = _opt(128, "longest sequence in tokens (also the model's position embeddings)", "model")
+    dropout: float | None = _opt(None, "hidden and attention dropout", "model", shown="preset's (0.1)")
+    impl: str = _opt("auto", "op implementations: auto, triton, ext or torch; triton / ext apply to the ops that "
+                     "have them, the others run as with auto (triton on a CPU needs TRITON_INTERPRET=1); the choice "
+                     "per op is printed at start", "model")
+    # ---- data
+    data: list[str] = _opt(["builtin"], "corpora: builtin, bookcorpus, wikipedia, or local .txt/.jsonl/.parquet "
+                           "files, folders or globs; RATIO is the fraction of each (bookcorpus:0.1 wikipedia:1/41)",
+                           "data", metavar="NAME[:RATIO]")
+    tokenizer: str | None = _opt(None, "a hub name, local folder or vocab.txt; default: train a WordPiece "
+                                 "vocabulary on the corpus (saved in OUTPUT_DIR/tokenizer)", "data",
+                                 shown="trained")
+    vocab_size: int = _opt(8192, "size of the trained vocabulary (a small corpus gives fewer; ignored with "
+                           "--tokenizer)", "data")
+    builtin_docs: int = _opt(1200, "documents in the built-in corpus", "data")
+    num_workers: int = _opt(0, "data loader processes (results do not depend on it)", "data")
+    # ---- optimisation
+    epochs: int = _opt(6, "passes over the data (when --max-steps is 0)", "optimisation")
+    max_steps: int = _opt(0, "optimizer steps to run; > 0 overrides --epochs", "optimisation")
+    batch_size: int = _opt(32, "sequences per device per micro-batch (global batch = this x devices x "
+                           "--grad-accum)", "optimisation")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", "optimisation")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)", "optimisation")
+    weight_decay: float = _opt(0.01, "AdamW weight decay on matrices (not on biases nor any LayerNorm weight)",
+                               "optimisation")
+    warmup_steps: int = _opt(30, "linear warmup from 0, then linear decay to 0 at the last step", "optimisation")
+    clip_grad: float = _opt(1.0, "max global gradient norm (0: no clipping)", "optimisation")
+    precision: str = _opt("fp32", "fp32, or torch.autocast to bf16 / fp16 on the device (fp16 adds a "
+                          "GradScaler)", "optimisation", choices=list(PRECISIONS))
+    max_bad_steps: int = _opt(5, "a non-finite loss skips its step (counted in skipped_steps); this many in a row "
+                              "stop the run", "optimisation")
+    seed: int = _opt(0, f"random seed of the weights, data order, masks and dropout (0 to {SEED_MAX})",
+                     "optimisation")
+    # ---- run
+    device: str = _opt("auto", "auto (the GPU if there is one), cpu, cuda or cuda:N", "run")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default, divided among the processes of one machine)",
+                        "run")
+    output_dir: str = _opt("runs/bertfast", "where the run writes everything: metrics.jsonl, checkpoints/, "
+                           "tokenizer/, train_config.json, model_config.json", "run")
+    log_every: int = _opt(10, "steps per metrics.jsonl record", "run")
+    checkpoint_every: int = _opt(200, "steps between checkpoints (0: only at the end); one is always written at "
+                                 "the end", "run")
+    keep_checkpoints: int = _opt(3, "the newest K checkpoints are kept", "run")
+    resume: bool = _opt(False, "continue from the newest intact checkpoint in --output-dir", "run")
+    export_hf: str | None = _opt(None, "at the end, write a transformers BertForPreTraining (config.json, "
+                                 "model.safetensors) and the tokenizer to DIR", "run", metavar="DIR",
+                                 shown="none")
+    progress: bool = _opt(True, "show the tqdm progress bar and the data preparation bars (--no-progress: hide "
+                          "them)", "run")
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported before any work starts. `flag` names the CLI flag."""
+
+    def __init__(self, flag: str, message: str):
+        self.flag, self.message = flag, message
+        super().__init__(f"argument {flag}: {message}")
+
+
+def flag_of(name: str) -> str:
+    """The CLI flag of a TrainConfig field (`progress`, on by default, is switched off by `--no-progress`)."""
+    return "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each field holds a value of its declared type (a TrainConfig built in Python gets no parsing)."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        optional = kind.endswith(" | None")
+        base = kind.removesuffix(" | None")
+        if value is None and optional:
+            continue
+        if base == "list[str]":
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            what = "a list of strings"
+        else:
+            ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+            what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False"}[base]
+        if not ok:
+            raise ConfigError(flag_of(f.name), f"TrainConfig.{f.name} must be {what}"
+                              f"{' or None' if optional else ''}, got {value!r} ({type(value).__name__})")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    def need(cond, flag, msg):
+        if not cond:
+            raise ConfigError(flag, msg)
+
+    need(cfg.preset in PRESETS, "--preset", f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    need(cfg.batch_size >= 1, "--batch-size", f"must be a positive number of sequences per device, got "
+         f"{cfg.batch_size}")
+    need(cfg.grad_accum >= 1, "--grad-accum", f"must be >= 1 (1 = no accumulation), got {cfg.grad_accum}")
+    need(cfg.epochs >= 1, "--epochs", f"must be >= 1, got {cfg.epochs}")
+    need(cfg.max_steps >= 0, "--max-steps", f"must be >= 0 (0 = run --epochs), got {cfg.max_steps}")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, "--lr", f"must be a positive learning rate (e.g. 1e-4), "
+         f"got {cfg.lr}")
+    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "--weight-decay",
+         f"must be >= 0, got {cfg.weight_decay}")
+    need(cfg.warmup_steps >= 0, "--warmup-steps", f"must be >= 0, got {cfg.warmup_steps}")
+    need(cfg.clip_grad >= 0, "--clip-grad", f"must be >= 0 (0 disables clipping), got {cfg.clip_grad}")
+    need(cfg.dropout is None or 0 <= cfg.dropout < 1, "--dropout", f"must be in [0, 1), got {cfg.dropout}")
+    need(8 <= cfg.max_len <= 8192, "--max-len", f"must be in [8, 8192] tokens, got {cfg.max_len}")
+    need(cfg.vocab_size >= 16, "--vocab-size", f"must be >= 16, got {cfg.vocab_size}")
+    need(cfg.builtin_docs >= 2, "--builtin-docs", f"must be >= 2, got {cfg.builtin_docs}")
+    need(cfg.precision in PRECISIONS, "--precision", f"choose one of {', '.join(PRECISIONS)}, got "
+         f"{cfg.precision!r}")
+    from bertfast.ops import IMPLS
+    need(cfg.impl in IMPLS, "--impl", f"choose one of {', '.join(IMPLS)}, got {cfg.impl!r}")
+    need(cfg.checkpoint_every >= 0, "--checkpoint-every", f"must be >= 0 (0 = only at the end), got "
+         f"{cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, "--keep-checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.log_every >= 1, "--log-every", f"must be >= 1, got {cfg.log_every}")
+    need(cfg.num_workers >= 0, "--num-workers", f"must be >= 0, got {cfg.num_workers}")
+    need(cfg.max_bad_steps >= 1, "--max-bad-steps", f"must be >= 1, got {cfg.max_bad_steps}")
+    need(cfg.threads >= 0, "--threads", f"must be >= 0, got {cfg.threads}")
+    need(0 <= cfg.seed <= SEED_MAX, "--seed", f"must be in [0, {SEED_MAX}], got {cfg.seed}")
+    need(bool(cfg.data), "--data", "give at least one corpus (e.g. builtin)")
+
+
+def _check_device(cfg: TrainConfig) -> None:
+    def need(cond, flag, msg):
+        if not cond:
+            raise ConfigError(flag, msg)
+
+    dev = cfg.device
+    if dev != "auto":
+        try:
+            d = torch.device(dev)
+        except (RuntimeError, ValueError):
+            raise ConfigError("--device", f"{dev!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        need(d.type in ("cpu", "cuda"), "--device", f"{dev!r}: bertfast trains on cpu or cuda")
+        if d.type == "cuda":
+            need(torch.cuda.is_available(), "--device", f"{dev!r} asked but no CUDA GPU is visible; use "
+                 "--device cpu (or auto)")
+            need(d.index is None or d.index < torch.cuda.device_count(), "--device",
+                 f"{dev!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    on_cpu = torch.device(dev).type == "cpu" if dev != "auto" else not torch.cuda.is_available()
+    if cfg.impl == "triton" and on_cpu:
+        from bertfast.kernels._launch import interpreter_on
+
+        need(interpreter_on(), "--impl", "triton on the CPU needs Triton's interpreter (slow: it is for tests), which "
+             "is off: set TRITON_INTERPRET=1 in the environment, or use --impl auto (or torch) on the CPU")
+
+
+def check_writable(path: str, flag: str) -> None:
+    probe_dir = os.path.abspath(path)
+    while not os.path.exists(probe_dir):  # the nearest existing ancestor must let us create the folder
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:
+            break
+        probe_dir = parent
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(flag, f"{path!r} exists and is not a folder; choose another path")
+    if not (os.path.isdir(probe_dir) and os.access(probe_dir, os.W_OK | os.X_OK)):
+        raise ConfigError(flag, f"{path!r} is not writable ({probe_dir!r} does not allow creating files); "
+                          "choose a folder you can write to")
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """The checks that need nothing but the config (and the machine): types, ranges, device, writable folders."""
+    _check_types(cfg)
+    _check_ranges(cfg)
+    _check_device(cfg)
+    check_writable(cfg.output_dir, "--output-dir")
+    if cfg.export_hf:
+        check_writable(cfg.export_hf, "--export-hf")
+
+
+# ---------------------------------------------------------------------------------------------- model config
+def model_fields(cfg: TrainConfig) -> dict:
+    """The BertConfig fields the TrainConfig decides (the vocabulary comes from the tokenizer)."""
+    from bertfast.model import PRESETS as presets
+
+    layers, hidden = presets[cfg.preset]
+    d = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+             intermediate_size=4 * hidden, max_len=cfg.max_len)
+    if cfg.dropout is not None:
+        d.update(dropout=cfg.dropout, attention_dropout=cfg.dropout)
+    return d
+
+
+def build_model_config(cfg: TrainConfig, tokenizer):
+    from bertfast.model import BertConfig
+
+    extra = {k: v for k, v in model_fields(cfg).items()
+             if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+    return BertConfig.preset(cfg.preset, vocab_size=len(tokenizer), pad_token_idx=tokenizer.pad_token_id, **extra)
