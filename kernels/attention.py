@@ -43,7 +43,8 @@ import triton.language as tl
 
 from bertfast.kernels import _launch
 
-LOG2E = 1.4426950408889634
+# log2(e): the kernels' softmax runs in base 2, exp(x) = exp2(x * LOG2E) (a constexpr: jit code reads no plain globals)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,6 +88,32 @@ def _block_and_head(max_seqlen, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _prologue(SEQ, n_heads, max_seqlen, BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where every attention program starts: (pid, bh, b64, h, start64, seqlen, row_limit).
+
+    pid: its block of BLOCK rows (query rows, or key rows for dK/dV); bh = b * n_heads + h; start64: the row of
+    sequence b's first token (int64: the token dimension times its stride can pass int32 on big batches);
+    seqlen: its length; row_limit: the rows the program may write, the sequence's own in varlen (rows past it
+    belong to the next sequence) and all max_seqlen padded (padded rows are written, as zeros). In varlen a
+    program with pid * BLOCK >= seqlen has nothing to do; the caller returns (a helper cannot)."""
+    pid, bh = _block_and_head(max_seqlen, BLOCK)
+    b = bh // n_heads
+    h = bh % n_heads
+    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    if IS_VARLEN:
+        row_limit = seqlen
+    else:
+        row_limit = seqlen * 0 + max_seqlen
+    return pid, bh, b.to(tl.int64), h, start.to(tl.int64), seqlen, row_limit
+
+
+@triton.jit
+def _row0(PTR, b64, start64, h, stride_b, stride_s, stride_h):
+    """Pointer to head h of sequence b's first row in a [batch, seqlen, heads, ...] / [tokens, heads, ...] tensor."""
+    return PTR + b64 * stride_b + start64 * stride_s + h * stride_h
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V,          # inputs, rows (token dim) x heads x head_dim, strides below, head_dim contiguous
     O,                # output, same shape as Q
@@ -105,23 +132,14 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
 ):
-    pid_m, bh = _block_and_head(max_seqlen, BLOCK_M)
-    b = bh // n_heads
-    h = bh % n_heads
-    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    pid_m, bh, b64, h, start64, seqlen, row_limit = _prologue(SEQ, n_heads, max_seqlen, BLOCK_M, IS_VARLEN)
     if IS_VARLEN:
         if pid_m * BLOCK_M >= seqlen:
             return
-        row_limit = seqlen       # rows past the sequence belong to the next one: never write them
-    else:
-        row_limit = max_seqlen   # padded rows are written (as zeros)
-    # int64 base offsets: the token dimension times its stride can exceed int32 on big batches
-    start64 = start.to(tl.int64)
-    b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + start64 * stride_qs + h * stride_qh
-    k_base = K + b64 * stride_kb + start64 * stride_ks + h * stride_kh
-    v_base = V + b64 * stride_vb + start64 * stride_vs + h * stride_vh
-    o_base = O + b64 * stride_ob + start64 * stride_os + h * stride_oh
+    q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
+    k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
+    v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
+    o_base = _row0(O, b64, start64, h, stride_ob, stride_os, stride_oh)
     l_base = LSE + b64 * stride_lb + h * stride_lh + start64
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,7 +157,7 @@ def _attn_fwd_kernel(
     if pid_m * BLOCK_M < seqlen:
         q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+        qk_scale = sm_scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
         for start_n in range(0, seqlen, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen
@@ -169,7 +187,7 @@ def _attn_fwd_kernel(
         out_scale = out_scale / (1.0 - dropout_p)
     acc = acc * out_scale[:, None]
     acc = tl.where(q_ok[:, None], acc, 0.0)
-    lse = tl.where(q_ok, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("inf"))
+    lse = tl.where(q_ok, (m_i + tl.math.log2(l_safe)) / LOG2E, float("inf"))
     out_rows = offs_m < row_limit
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=out_rows[:, None] & d_ok[None, :])
@@ -188,21 +206,16 @@ def _attn_bwd_preprocess_kernel(
     n_heads, max_seqlen,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    pid_m, bh = _block_and_head(max_seqlen, BLOCK_M)
-    b = bh // n_heads
-    h = bh % n_heads
-    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
-    if pid_m * BLOCK_M >= seqlen:
+    pid_m, bh, b64, h, start64, seqlen, row_limit = _prologue(SEQ, n_heads, max_seqlen, BLOCK_M, IS_VARLEN)
+    if pid_m * BLOCK_M >= seqlen:  # Delta only at real rows, padded or varlen
         return
-    start64 = start.to(tl.int64)
-    b64 = b.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b64 * stride_ob + start64 * stride_os + h * stride_oh + offs_m[:, None] * stride_os
-                + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * stride_dob + start64 * stride_dos + h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    o_base = _row0(O, b64, start64, h, stride_ob, stride_os, stride_oh)
+    do_base = _row0(DO, b64, start64, h, stride_dob, stride_dos, stride_doh)
+    o = tl.load(o_base + offs_m[:, None] * stride_os + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
     tl.store(DELTA + b64 * stride_lb + h * stride_lh + start64 + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen)
 
 
@@ -227,24 +240,16 @@ def _attn_bwd_dkdv_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
 ):
     # one program per block of BLOCK_N keys; it streams over all query blocks (the transposed tiles, [N, M])
-    pid_n, bh = _block_and_head(max_seqlen, BLOCK_N)
-    b = bh // n_heads
-    h = bh % n_heads
-    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    pid_n, bh, b64, h, start64, seqlen, row_limit = _prologue(SEQ, n_heads, max_seqlen, BLOCK_N, IS_VARLEN)
     if IS_VARLEN:
         if pid_n * BLOCK_N >= seqlen:
             return
-        row_limit = seqlen
-    else:
-        row_limit = max_seqlen
-    start64 = start.to(tl.int64)
-    b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + start64 * stride_qs + h * stride_qh
-    k_base = K + b64 * stride_kb + start64 * stride_ks + h * stride_kh
-    v_base = V + b64 * stride_vb + start64 * stride_vs + h * stride_vh
-    do_base = DO + b64 * stride_dob + start64 * stride_dos + h * stride_doh
-    dk_base = DK + b64 * stride_dkb + start64 * stride_dks + h * stride_dkh
-    dv_base = DV + b64 * stride_dkb + start64 * stride_dks + h * stride_dkh
+    q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
+    k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
+    v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
+    do_base = _row0(DO, b64, start64, h, stride_dob, stride_dos, stride_doh)
+    dk_base = _row0(DK, b64, start64, h, stride_dkb, stride_dks, stride_dkh)
+    dv_base = _row0(DV, b64, start64, h, stride_dkb, stride_dks, stride_dkh)
     l_base = LSE + b64 * stride_lb + h * stride_lh + start64
     d_base = DELTA + b64 * stride_lb + h * stride_lh + start64
 
@@ -263,14 +268,14 @@ def _attn_bwd_dkdv_kernel(
         kv_msk = key_in[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_msk, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_msk, other=0.0)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         for start_m in range(0, seqlen, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen
             qd_msk = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=qd_msk, other=0.0)
             do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=qd_msk, other=0.0)
-            lse = tl.load(l_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse = tl.load(l_base + rows, mask=row_ok, other=float("inf")) * LOG2E
             delta = tl.load(d_base + rows, mask=row_ok, other=0.0)
             # S^T [BLOCK_N, BLOCK_M], base 2
             s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
@@ -314,23 +319,15 @@ def _attn_bwd_dq_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
 ):
     # one program per block of BLOCK_M queries; it streams over all key blocks
-    pid_m, bh = _block_and_head(max_seqlen, BLOCK_M)
-    b = bh // n_heads
-    h = bh % n_heads
-    start, seqlen = _seq_extent(SEQ, b, IS_VARLEN)
+    pid_m, bh, b64, h, start64, seqlen, row_limit = _prologue(SEQ, n_heads, max_seqlen, BLOCK_M, IS_VARLEN)
     if IS_VARLEN:
         if pid_m * BLOCK_M >= seqlen:
             return
-        row_limit = seqlen
-    else:
-        row_limit = max_seqlen
-    start64 = start.to(tl.int64)
-    b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + start64 * stride_qs + h * stride_qh
-    k_base = K + b64 * stride_kb + start64 * stride_ks + h * stride_kh
-    v_base = V + b64 * stride_vb + start64 * stride_vs + h * stride_vh
-    do_base = DO + b64 * stride_dob + start64 * stride_dos + h * stride_doh
-    dq_base = DQ + b64 * stride_dqb + start64 * stride_dqs + h * stride_dqh
+    q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
+    k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
+    v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
+    do_base = _row0(DO, b64, start64, h, stride_dob, stride_dos, stride_doh)
+    dq_base = _row0(DQ, b64, start64, h, stride_dqb, stride_dqs, stride_dqh)
     l_base = LSE + b64 * stride_lb + h * stride_lh + start64
     d_base = DELTA + b64 * stride_lb + h * stride_lh + start64
 
@@ -345,9 +342,9 @@ def _attn_bwd_dq_kernel(
         qd_msk = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_msk, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_msk, other=0.0)
-        lse = tl.load(l_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(l_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(d_base + offs_m, mask=row_ok, other=0.0)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         for start_n in range(0, seqlen, BLOCK_N):
             cols = start_n + offs_n
             key_in = cols < seqlen
