@@ -307,3 +307,28 @@ def test_hf_conversion_does_not_import_the_model():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert "bertfast.model" not in imported and "bertfast.config" in imported
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_value_checks_of_the_ops_follow_check_inputs(monkeypatch, check_inputs):
+    """The ops' device-syncing value checks (check_values) run on the user's targets and positions exactly when the
+    model's check_inputs is on; the layout the model builds itself (cu_seqlens, [CLS] rows) is never re-checked."""
+    from bertfast import ops
+
+    seen = []
+    for name in ("varlen_attention", "mlm_gather", "softmax_cross_entropy"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs["check_values"]))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+    cfg = BertConfig(**CONFIGS[0])
+    model = BertForPreTraining(cfg, impl="torch")
+    model.check_inputs = check_inputs
+    ids, mask, types, labels, nsp = _batch(cfg, 3, 11, seed=9)
+    model(ids, mask, types, labels=labels, next_sentence_label=nsp)
+    own = [("varlen_attention", False)] * cfg.num_hidden_layers + [("mlm_gather", False)]  # layers, [CLS]
+    users = [("mlm_gather", check_inputs), ("softmax_cross_entropy", check_inputs)] + [
+        ("softmax_cross_entropy", check_inputs)]  # MLM positions, MLM targets, NSP labels
+    assert seen == own + users
