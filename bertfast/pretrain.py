@@ -1,8 +1,11 @@
 """`python -m bertfast.pretrain`: pretrain BERT (MLM + NSP) from the command line.
 
 With no arguments: the `tiny` preset (2 layers x 128) for 6 epochs on the built-in corpus, offline, on the GPU
-if there is one, a few minutes on a 2-core CPU. Under `torchrun --nproc_per_node=N -m bertfast.pretrain ...` it trains data-parallel. See
-docs/cli.md for every flag, the files a run writes, resume, and the MFU formula.
+if there is one, a few minutes on a 2-core CPU. Under `torchrun --nproc_per_node=N -m bertfast.pretrain ...` it
+trains data-parallel. See docs/cli.md for every flag, the files a run writes, resume, and the MFU formula.
+
+The flags are generated from TrainConfig's fields (bertfast/train_config.py): name, type, default and help text
+live there only. `--flag-table` prints the markdown table docs/cli.md holds.
 """
 from __future__ import annotations
 
@@ -11,71 +14,74 @@ import dataclasses
 import re
 import sys
 
-from bertfast.model import PRESETS
-from bertfast.trainer import PRECISIONS, ConfigError, Interrupted, TrainConfig, TrainingError, train
+from bertfast.train_config import ConfigError, TrainConfig, flag_of
+from bertfast.trainer import Interrupted, TrainingError, train
 
-_D = TrainConfig()
+PROG = "python -m bertfast.pretrain"
+GROUPS = ("model", "data", "optimisation", "run")
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return " ".join(value)
+    return str(value)
+
+
+def _add_flag(group, f: dataclasses.Field) -> None:
+    meta, kind = f.metadata, str(f.type).removesuffix(" | None")
+    flag = flag_of(f.name)
+    if kind == "bool":  # switches: --resume turns a False default on, --no-progress a True default off
+        group.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                           help=meta["help"])
+        return
+    kw = dict(dest=f.name, default=f.default_factory() if f.default is dataclasses.MISSING else f.default,
+              help=f"{meta['help']} (default: {_shown_default(f)})")
+    if kind == "list[str]":
+        kw.update(nargs="+")
+    else:
+        kw.update(type=_TYPES[kind])
+    for key in ("metavar", "choices"):
+        if key in meta:
+            kw[key] = meta[key]
+    group.add_argument(flag, **kw)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: the message names the flag and what to do
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bertfast.pretrain",
-        description="Pretrain BERT (masked LM + next sentence prediction) with bertfast's kernels. With no "
-                    "arguments: a small model on the built-in corpus, offline, in a few minutes on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=PROG, description="Pretrain BERT (masked LM + next sentence prediction) with bertfast's "
+                "kernels. With no arguments: a small model on the built-in corpus, offline, in a few minutes on a "
+                "CPU. Every flag is a field of bertfast.trainer.TrainConfig.")
     # read `--lr -1e-4` as a (bad) value, not as an unknown option, so the error names the real problem
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", default=_D.preset, help=f"model size: {', '.join(PRESETS)}")
-    m.add_argument("--max-len", type=int, default=_D.max_len, help="longest sequence (tokens; also the position "
-                   "embeddings)")
-    m.add_argument("--dropout", type=float, default=_D.dropout, help="hidden and attention dropout (None: BERT's "
-                   "0.1)")
-    m.add_argument("--impl", default=_D.impl, help="op implementations: auto, triton, ext or torch (triton / ext "
-                   "apply to the ops that have them, the others run as with auto; triton on a CPU needs "
-                   "TRITON_INTERPRET=1)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", default=_D.data, metavar="NAME[:RATIO]",
-                   help="corpora: builtin, bookcorpus, wikipedia, or local .txt/.jsonl/.parquet files / folders / "
-                        "globs, each with an optional fraction (bookcorpus:0.1 wikipedia:1/41)")
-    d.add_argument("--tokenizer", default=_D.tokenizer, help="tokenizer (hub name or local folder); default: train "
-                   "a WordPiece vocabulary on the corpus (saved in OUTPUT_DIR/tokenizer)")
-    d.add_argument("--vocab-size", type=int, default=_D.vocab_size, help="size of the trained vocabulary")
-    d.add_argument("--builtin-docs", type=int, default=_D.builtin_docs, help="documents of the built-in corpus")
-    d.add_argument("--num-workers", type=int, default=_D.num_workers, help="data loader worker processes")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=_D.epochs, help="passes over the data (when --max-steps is 0)")
-    o.add_argument("--max-steps", type=int, default=_D.max_steps, help="stop after this many optimizer steps "
-                   "(0: run --epochs)")
-    o.add_argument("--batch-size", type=int, default=_D.batch_size, help="sequences per device per micro-batch "
-                   "(global batch = this x devices x --grad-accum)")
-    o.add_argument("--grad-accum", type=int, default=_D.grad_accum, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=_D.lr, help="peak learning rate (AdamW)")
-    o.add_argument("--weight-decay", type=float, default=_D.weight_decay,
-                   help="AdamW weight decay (not on biases and LayerNorm weights)")
-    o.add_argument("--warmup-steps", type=int, default=_D.warmup_steps,
-                   help="linear warmup steps, then linear decay to 0 at the last step")
-    o.add_argument("--clip-grad", type=float, default=_D.clip_grad, help="max gradient norm (0: no clipping)")
-    o.add_argument("--precision", choices=list(PRECISIONS), default=_D.precision,
-                   help="fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)")
-    o.add_argument("--max-bad-steps", type=int, default=_D.max_bad_steps,
-                   help="stop after this many non-finite losses in a row (each one skips its step)")
-    o.add_argument("--seed", type=int, default=_D.seed)
-    r = p.add_argument_group("run")
-    r.add_argument("--device", default=_D.device, help="auto (GPU if there is one), cpu, cuda, cuda:N")
-    r.add_argument("--threads", type=int, default=_D.threads, help="CPU threads for torch (0: torch's default, "
-                   "shared among the processes of one machine)")
-    r.add_argument("--output-dir", default=_D.output_dir, help="where the run writes everything: metrics.jsonl, "
-                   "checkpoints/, tokenizer/, train_config.json, model_config.json")
-    r.add_argument("--log-every", type=int, default=_D.log_every, help="steps per metrics.jsonl record")
-    r.add_argument("--checkpoint-every", type=int, default=_D.checkpoint_every,
-                   help="steps between checkpoints (0: only at the end)")
-    r.add_argument("--keep-checkpoints", type=int, default=_D.keep_checkpoints, help="keep the newest K")
-    r.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --output-dir")
-    r.add_argument("--export-hf", default=_D.export_hf, metavar="DIR",
-                   help="at the end, write a transformers BertForPreTraining + tokenizer to DIR")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        _add_flag(groups[f.metadata["group"]], f)
+    p.add_argument("--flag-table", action="store_true", help="print the flag table of docs/cli.md and exit")
     return p
+
+
+def flag_table() -> str:
+    """The markdown table of every flag, as docs/cli.md holds it."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        flag, kind = flag_of(f.name), str(f.type).removesuffix(" | None")
+        if kind == "list[str]":
+            flag += f" {f.metadata.get('metavar', f.name.upper())} ..."
+        elif "metavar" in f.metadata:
+            flag += f" {f.metadata['metavar']}"
+        default = "" if f.name == "progress" else f"`{_shown_default(f)}`"
+        rows.append(f"| `{flag}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 def config_from_args(argv=None) -> TrainConfig:
@@ -84,33 +90,35 @@ def config_from_args(argv=None) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def _error(msg: str, code: int) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.flag_table:
+        print(flag_table(), end="")
+        return 0
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    from bertfast.checkpoint import CheckpointError, CheckpointSaveError
+    from bertfast.data import DataError
+
     try:
         train(cfg)
-    except ConfigError as e:
-        parser.error(str(e))  # exit code 2, with the usage line
-    except TrainingError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
+    except ConfigError as e:  # exit 2: a user error, reported before any work
+        return _error(str(e), 2)
+    except (CheckpointError, DataError) as e:  # bad data, a checkpoint of another model: exit 2 as well
+        return _error(str(e), 2)
+    except (TrainingError, CheckpointSaveError) as e:  # the run had to stop (non-finite losses, a full disk)
+        return _error(str(e), 1)
     except Interrupted as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; continue with --resume (the latest checkpoint is intact)",
-              file=sys.stderr)
+        print(f"{PROG}: interrupted; continue with --resume (the latest checkpoint is intact)", file=sys.stderr)
         return 130
-    except Exception as e:  # bad data, a checkpoint of another model: one clear line, exit 2 for user errors
-        from bertfast.checkpoint import CheckpointError
-        from bertfast.data import DataError
-
-        if isinstance(e, (CheckpointError, DataError)):
-            print(f"{parser.prog}: error: {e}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 

@@ -37,12 +37,18 @@ def test_cli_defaults_and_flags():
                               num_workers=1, clip_grad=0.5, max_bad_steps=2, device="cpu", dropout=0.0)
 
 
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own refusals (an invalid choice, a value that is not a number)
+        return e.code
+
+
 def _bad(argv, capsys, tmp_path):
-    """Run main(argv); it must exit 2 before writing anything."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
+    """Run main(argv); it must exit 2 before writing anything, with one line and no usage dump."""
+    assert _exit_code(argv) == 2
     err = capsys.readouterr().err
+    assert "usage:" not in err and err.count("\n") == 1, err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
     return err
 
@@ -83,7 +89,8 @@ def test_cli_bad_input_exit_code_in_a_subprocess(tmp_path):
     p = subprocess.run([sys.executable, "-m", "bertfast.pretrain", "--batch-size", "0", "--output-dir",
                         str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
-    assert "argument --batch-size" in p.stderr and "usage:" in p.stderr
+    assert p.stderr.startswith("python -m bertfast.pretrain: error: argument --batch-size") and "usage:" not in \
+        p.stderr, p.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -204,3 +211,38 @@ def test_cli_signal_checkpoints_the_step_then_resume_equals_uninterrupted(full_r
     assert logged[-1] <= steps[0]
     _resume(out, full_run, "--checkpoint-every", "1000")
     _assert_same_as_full(out, full_run)
+
+
+def test_cli_flags_help_and_docs_agree_with_trainconfig():
+    """One source: every TrainConfig field is a flag with help text, --help lists it, and docs/cli.md holds the
+    table generated from the fields."""
+    import dataclasses
+
+    from bertfast.pretrain import build_parser, flag_table
+    from bertfast.train_config import flag_of
+
+    parser = build_parser()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "flag_table")}
+    assert set(actions) == fields
+    text = parser.format_help()
+    for name, a in actions.items():
+        assert a.help and len(a.help) > 10, name
+        assert "(default: True)" not in a.help and "(default: False)" not in a.help, (name, a.help)
+        assert flag_of(name) in a.option_strings and flag_of(name) in text, name
+    assert "--no-progress" in text and "--seed" in text
+    with open(os.path.join(ROOT, "docs", "cli.md")) as f:
+        docs = f.read()
+    assert flag_table() in docs, "docs/cli.md's flag table is stale: paste `python -m bertfast.pretrain --flag-table`"
+    table_flags = [line.split("`")[1].split()[0] for line in flag_table().splitlines()[2:]]
+    assert table_flags == [flag_of(f.name) for f in dataclasses.fields(TrainConfig)]
+
+
+@pytest.mark.parametrize("argv, flag, hint", [
+    (["--seed", "-1"], "--seed", "[0, 4294967295]"),
+    (["--seed", str(10 ** 23)], "--seed", "[0, 4294967295]"),
+    (["--seed", "1e23"], "--seed", "invalid int value"),
+])
+def test_cli_seed_range(argv, flag, hint, capsys, tmp_path):
+    err = _bad(argv + ["--output-dir", str(tmp_path / "out")], capsys, tmp_path)
+    assert f"argument {flag}" in err and hint in err, err
