@@ -53,6 +53,7 @@ class RunPlan:
 
 def plan_run(cfg: TrainConfig) -> RunPlan:
     check_settings(cfg)
+    _check_data(cfg)
     plan = RunPlan(cfg)
     if not cfg.resume:
         found = ckpt.find_latest_checkpoint(cfg.output_dir)  # None without checkpoints; step -1: all corrupt
@@ -75,6 +76,16 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     _check_resume_settings(plan)
     plan.tokenizer = _resume_tokenizer(plan)
     return plan
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """The corpora exist and are readable text (bertfast.data.check_sources: no dataset is read)."""
+    from bertfast.data import DataError, check_sources
+
+    try:
+        check_sources(cfg.data)
+    except DataError as e:
+        raise ConfigError("--data", str(e)) from None
 
 
 def _load_state(path: str) -> dict:
