@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 
@@ -90,8 +91,14 @@ def config_from_args(argv=None) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _error(msg: str, code: int) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+def _error(e: BaseException, code: int) -> int:
+    """One line on stderr; under torchrun also the worker's error file, so that its summary shows this message
+    (and, with every rank raising the failing rank's error, names the real root cause)."""
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
     return code
 
 
@@ -108,11 +115,11 @@ def main(argv=None) -> int:
     try:
         train(cfg)
     except ConfigError as e:  # exit 2: a user error, reported before any work
-        return _error(str(e), 2)
+        return _error(e, 2)
     except (CheckpointError, DataError) as e:  # bad data, a checkpoint of another model: exit 2 as well
-        return _error(str(e), 2)
+        return _error(e, 2)
     except (TrainingError, CheckpointSaveError) as e:  # the run had to stop (non-finite losses, a full disk)
-        return _error(str(e), 1)
+        return _error(e, 1)
     except Interrupted as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -40,12 +40,17 @@ from bertfast.run_plan import RunPlan, plan_run
 from bertfast.run_state import RunState, device_values, summarize
 from bertfast.train_config import PRECISIONS, ConfigError, TrainConfig, build_model_config
 
-__all__ = ["TrainConfig", "ConfigError", "TrainingError", "Interrupted", "train", "validate_config",
+__all__ = ["TrainConfig", "ConfigError", "TrainingError", "PeerFailed", "Interrupted", "train", "validate_config",
            "param_groups", "LinearWarmupDecay", "export_hf", "build_model_config"]
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class PeerFailed(TrainingError):
+    """Another rank failed (bad data, a full disk, ...); its error, repeated here, is the cause. Every rank raises,
+    so whichever one torchrun reports as the root cause names the real error, not a broken connection."""
 
 
 class Interrupted(Exception):
@@ -210,6 +215,30 @@ def _barrier(d: _Dist):
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _on_every_rank(d: _Dist, fn, *, run_here: bool = True):
+    """fn() where run_here, then a collective in place of a barrier: when fn failed on any rank, that rank re-raises
+    its error and the others raise PeerFailed with its message, instead of crashing on the dead rank's broken
+    connection (which torchrun would then report as the root cause)."""
+    error, result = None, None
+    if run_here:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below on this rank, reported to the others
+            error = e
+    if d.enabled:
+        import torch.distributed as dist
+
+        seen = [None] * d.world_size
+        dist.all_gather_object(seen, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, msg) for r, msg in enumerate(seen) if msg is not None]
+        if failed and error is None:
+            r, msg = failed[0]
+            raise PeerFailed(f"rank {r} failed, so rank {d.rank} stops too: {msg}")
+    if error is not None:
+        raise error
+    return result
 
 
 def _all_reduce_sum(t: torch.Tensor, d: _Dist) -> torch.Tensor:
@@ -416,16 +445,17 @@ def _load_data(plan: RunPlan, d: _Dist, device: torch.device):
     cfg = plan.cfg
     if not cfg.progress:
         _quiet_datasets()
-    if not d.is_main:
-        _barrier(d)
-    tokenizer, loader = load_data(
-        cfg.data, tokenizer=plan.tokenizer if plan.resuming else cfg.tokenizer, vocab_size=cfg.vocab_size,
-        max_len=cfg.max_len, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=d.rank,
-        world_size=d.world_size, output_dir=None, drop_last=True, builtin_docs=cfg.builtin_docs,
-        pin_memory=device.type == "cuda")
-    if d.is_main:
-        _barrier(d)
-    return tokenizer, loader
+
+    def load():
+        return load_data(
+            cfg.data, tokenizer=plan.tokenizer if plan.resuming else cfg.tokenizer, vocab_size=cfg.vocab_size,
+            max_len=cfg.max_len, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=d.rank,
+            world_size=d.world_size, output_dir=None, drop_last=True, builtin_docs=cfg.builtin_docs,
+            pin_memory=device.type == "cuda")
+
+    first = _on_every_rank(d, load, run_here=d.is_main)
+    rest = _on_every_rank(d, load, run_here=not d.is_main)
+    return first if d.is_main else rest
 
 
 def _quiet_datasets() -> None:
@@ -709,17 +739,17 @@ def _save(run: _Run) -> str:
         dist.all_gather_object(ranks, mine)
     else:
         ranks = [mine]
-    if d.is_main:
+
+    def write():
         state = {**st.state_dict(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
                  "data": run.loader.state_dict(), "ranks": ranks, "train_config": dataclasses.asdict(cfg),
                  "world_size": d.world_size}
-        path = ckpt.save_checkpoint(cfg.output_dir, st.step, run.model, run.mcfg.to_dict(), state,
+        return ckpt.save_checkpoint(cfg.output_dir, st.step, run.model, run.mcfg.to_dict(), state,
                                     keep=cfg.keep_checkpoints, tokenizer=run.tokenizer, log=run.say)
-    else:
-        path = os.path.join(cfg.output_dir, ckpt.CHECKPOINT_DIR, ckpt.checkpoint_name(st.step))
-    _barrier(d)
-    return path
+
+    path = _on_every_rank(d, write, run_here=d.is_main)  # a full disk on rank 0 stops every rank with its message
+    return path or os.path.join(cfg.output_dir, ckpt.CHECKPOINT_DIR, ckpt.checkpoint_name(st.step))
 
 
 # ---------------------------------------------------------------------------------------------- finish
