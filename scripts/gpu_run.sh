@@ -41,8 +41,10 @@ else
 fi
 
 if want install; then
-    step "install: pip install --no-build-isolation --no-deps -e ."
-    if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG/install.log" 2>&1; then
+    # BERTFAST_CUDA=1: the CUDA kernels are wanted here, so a GPU the build fails to see is an error, not a
+    # silent CPU-only build (setup.py builds them when a GPU is visible or this asks).
+    step "install: BERTFAST_CUDA=1 pip install --no-build-isolation --no-deps -e ."
+    if ! BERTFAST_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG/install.log" 2>&1; then
         tail -40 "$LOG/install.log"; echo "install failed" | tee -a "$LOG/summary.txt"; exit 1
     fi
 fi
