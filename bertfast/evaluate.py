@@ -118,13 +118,22 @@ def evaluate(model: torch.nn.Module, eval_loader, *, device, precision="fp32", p
         eval_nsp_loss     mean NSP cross-entropy over every sequence; eval_nsp_acc likewise
         eval_loss         eval_mlm_loss + eval_nsp_loss (as the training records' `loss`)
         eval_tokens       real (non-padding) tokens evaluated; eval_sequences; eval_predictions (MLM positions)
-    Raises ValueError when the whole set (all ranks together) holds no sequence.
+    Raises ValueError for no eval_loader, one sliced for another number of ranks than the group has, or a set
+    that (all ranks together) holds no sequence.
     """
     import torch.distributed as dist
 
     device = torch.device(device)
     dtype = _autocast_dtype(precision)
     group, world = _group(process_group)
+    if eval_loader is None:
+        raise ValueError("evaluate(eval_loader=None): there is no evaluation set; load_data(..., eval_fraction=F) or "
+                         "load_data(..., eval_data=...) gives the training loader an eval_loader")
+    sliced_for = getattr(eval_loader, "world_size", None)
+    if world > 1 and sliced_for is not None and sliced_for != world:
+        raise ValueError(f"evaluate(eval_loader=...) is cut into slices for {sliced_for} rank(s) but the process group "
+                         f"has {world}: build it with load_data(..., rank=RANK, world_size={world}) so that each rank "
+                         "evaluates its own slice (or pass process_group=False to evaluate it on this rank alone)")
     net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
     batches = eval_loader
@@ -161,8 +170,8 @@ def _batch_sums(net, x, device: torch.device, dtype) -> torch.Tensor:
     tgt = o.mlm_targets
     real = tgt != -100
     n_mlm = real.sum()
-    # o.mlm_loss is the mean over the batch's predictions (0 when it has none): x count = the sum
-    mlm_sum = o.mlm_loss.double() * n_mlm
+    # o.mlm_loss is the mean over the batch's predictions: x count = their sum (0, not 0/0, for a batch with none)
+    mlm_sum = torch.where(n_mlm > 0, o.mlm_loss.double() * n_mlm, 0.0)
     mlm_ok = ((o.prediction_scores.argmax(-1) == tgt) & real).sum()
     n_seq = x.is_next.numel()
     nsp_sum = o.nsp_loss.double() * n_seq

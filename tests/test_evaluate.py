@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 import types
 
@@ -30,6 +31,13 @@ def data(tmp_path_factory):
                             vocab_size=300, output_dir=str(d / "out"), cache_dir=str(d / "cache"))
     assert loader.eval_loader is not None and len(loader.eval_loader) >= 4
     return tok, loader
+
+
+@pytest.fixture(scope="module")
+def small_ev(data):
+    """3 batches of 8 from the eval set (an EvalLoader: fixed masks, draws nothing), for the quicker tests."""
+    ev = data[1].eval_loader
+    return EvalLoader(ev.pairs.select(range(24)), ev.collator, batch_size=8, seed=ev.seed)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +151,8 @@ def test_whole_eval_set_same_numbers_every_call(data, weights):
     assert evaluate(model, ev, device="cpu") == rec  # fixed masks: the very same numbers at the next evaluation
 
 
-def test_leaves_every_rng_stream_and_mode_as_found(data, weights):
-    ev = data[1].eval_loader
+def test_leaves_every_rng_stream_and_mode_as_found(small_ev, weights):
+    ev = small_ev
     model = _model(weights, DrawingModel)
     model.train()
     model.nsp.eval()  # a mix of modes comes back as it was
@@ -173,19 +181,19 @@ def test_leaves_every_rng_stream_and_mode_as_found(data, weights):
     assert evaluate(_model(weights), ev, device="cpu") == rec
 
 
-def test_exception_restores_rng_and_mode(data, weights):
+def test_exception_restores_rng_and_mode(small_ev, weights):
     model = _model(weights, DrawingModel)
     model.fail_at = 2
     model.train()
     before = _rng_snapshot()
     with pytest.raises(RuntimeError, match="boom"):
-        evaluate(model, data[1].eval_loader, device="cpu")
+        evaluate(model, small_ev, device="cpu")
     _assert_same_rng(before, _rng_snapshot())
     assert all(m.training for m in model.modules())
 
 
-def test_bf16_autocast_and_progress(data, weights, capsys):
-    ev = data[1].eval_loader
+def test_bf16_autocast_and_progress(small_ev, weights, capsys):
+    ev = small_ev
     model = _model(weights)
     fp32 = evaluate(model, ev, device="cpu", precision="fp32")
     bf16 = evaluate(model, ev, device="cpu", precision="bf16", progress=True)
@@ -196,16 +204,18 @@ def test_bf16_autocast_and_progress(data, weights, capsys):
     assert bf16["eval_tokens"] == fp32["eval_tokens"]
 
 
-def test_bad_arguments_are_named(data, weights):
+def test_bad_arguments_are_named(small_ev, weights):
     model = _model(weights)
     with pytest.raises(ValueError, match=r"evaluate\(precision='fp8'\).*fp32, bf16, fp16"):
-        evaluate(model, data[1].eval_loader, device="cpu", precision="fp8")
+        evaluate(model, small_ev, device="cpu", precision="fp8")
     with pytest.raises(ValueError, match=r"eval_loader.*no sequence.*--eval-fraction"):
         evaluate(model, [], device="cpu")
+    with pytest.raises(ValueError, match=r"eval_loader=None.*eval_fraction"):
+        evaluate(model, None, device="cpu")
     with pytest.raises(RuntimeError, match="describes 2 ranks.*init_process_group"):
-        evaluate(model, data[1].eval_loader, device="cpu", process_group=types.SimpleNamespace(world_size=2))
+        evaluate(model, small_ev, device="cpu", process_group=types.SimpleNamespace(world_size=2))
     # a 1-rank descriptor without a process group is fine (the trainer's single-process run)
-    assert evaluate(model, data[1].eval_loader, device="cpu",
+    assert evaluate(model, small_ev, device="cpu",
                     process_group=types.SimpleNamespace(world_size=1))["eval_sequences"] > 0
 
 
@@ -235,7 +245,12 @@ def _rank_worker(rank: int, world: int, store: str, weights, pairs, collator, ba
         recs = [evaluate(model, ev, device="cpu"),  # the default group
                 evaluate(model, ev, device="cpu", process_group=types.SimpleNamespace(world_size=world)),
                 evaluate(model, ev, device="cpu", process_group=False)]  # this rank's slice alone
-        result = {"recs": recs, "rng_same": bool(torch.equal(before, torch.get_rng_state())),
+        try:  # a loader cut for 1 rank under a 2-rank group: refused on every rank, before any collective
+            evaluate(model, EvalLoader(pairs, collator, batch_size=batch_size, seed=seed), device="cpu")
+            refused = ""
+        except ValueError as e:
+            refused = str(e)
+        result = {"recs": recs, "refused": refused, "rng_same": bool(torch.equal(before, torch.get_rng_state())),
                   "training": model.module.training, "batches": len(ev)}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -264,6 +279,7 @@ def test_two_ranks_equal_one_process(data, weights, tmp_path):
                 p.join()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["rng_same"] and r["training"] for r in ranks)
+    assert all(re.search(r"slices for 1 rank.*has 2.*world_size=2", r["refused"]) for r in ranks)
     assert ranks[0]["batches"] == ranks[1]["batches"] == len(ev)
     for r in ranks:
         default, described, alone = r["recs"]
