@@ -181,6 +181,34 @@ def test_leaves_every_rng_stream_and_mode_as_found(small_ev, weights):
     assert evaluate(_model(weights), ev, device="cpu") == rec
 
 
+def test_training_with_evaluation_equals_training_without(small_ev, weights):
+    """A few SGD steps with dropout (drawing from torch's generator), the model drawing from every generator at
+    each forward: evaluating after each step leaves the training losses and weights bit for bit as they are
+    without evaluation."""
+    train_batches = [_split(b, 4)[0] for b in list(small_ev)[:2]]  # 2 steps of 4 sequences
+
+    def run(with_eval: bool):
+        torch.manual_seed(3), random.seed(3), np.random.seed(3)
+        model = _model(weights, DrawingModel)
+        assert model.config.dropout > 0
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        losses = []
+        for b in train_batches:
+            loss = model(**b.model_inputs()).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            if with_eval:
+                evaluate(model, train_batches[:1], device="cpu")
+        return losses, model.state_dict()
+
+    (plain, w_plain), (evaluated, w_eval) = run(False), run(True)
+    assert plain == evaluated
+    assert all(torch.equal(w_plain[k], w_eval[k]) for k in w_plain)
+
+
 def test_exception_restores_rng_and_mode(small_ev, weights):
     model = _model(weights, DrawingModel)
     model.fail_at = 2
