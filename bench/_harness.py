@@ -60,3 +60,32 @@ def peak_memory(fn, *, device) -> int | None:
 
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def skip_unless_triton(device) -> None:
+    """Skips the calling benchmark when Triton cannot run on `device` (the rule the ops and tests use)."""
+    import pytest
+
+    from bertfast.kernels._launch import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def run_modes(benchmark, fn, inputs, mode: str, *, device):
+    """Median seconds of `mode` ("fwd", "bwd" or "fwd+bwd") for y = fn(*inputs) (None when timing is off); "bwd"
+    times torch.autograd.grad alone on one retained graph."""
+    import torch as _torch
+
+    dy = _torch.randn_like(fn(*inputs))
+    if mode == "fwd":
+        return measure(benchmark, lambda: fn(*inputs), device=device)
+    if mode == "bwd":
+        y = fn(*inputs)
+        grad_inputs = [t for t in inputs if t.requires_grad]
+        return measure(benchmark, lambda: _torch.autograd.grad(y, grad_inputs, dy, retain_graph=True), device=device)
+
+    def both():
+        fn(*inputs).backward(dy)
+    return measure(benchmark, both, device=device)

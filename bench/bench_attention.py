@@ -22,7 +22,7 @@ Targets (issue 4, for the GPU session; H100 bf16, B=32 S=512 H=12 D=64):
 import pytest
 import torch
 import torch.nn.functional as F
-from _harness import bench_device, measure
+from _harness import bench_device, measure, skip_unless_triton
 
 from bertfast import ops
 
@@ -81,10 +81,8 @@ def _make(provider: str, lens: torch.Tensor):
 def test_attention(benchmark, record, provider, mode, fill):
     if provider == "sdpa-flash" and fill != "equal":
         pytest.skip("SDPA's flash backend takes no padding mask: only equal-length batches")
-    if provider.startswith("triton") and DEV.type == "cpu":
-        from bertfast.kernels._launch import interpreter_on
-        if not interpreter_on():
-            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    if provider.startswith("triton"):
+        skip_unless_triton(DEV)
     lens = _lengths(fill)
     fn, leaf, grad, tokens = _make(provider, lens)
 

@@ -1,26 +1,25 @@
-"""Benchmarks: residual LayerNorm (optionally with the fused dense bias + dropout) and bias + GELU, Triton vs the
-eager PyTorch composition, forward / backward / both, in GB/s.
+"""Benchmarks: residual LayerNorm (optionally with the fused dense bias + dropout), Triton vs the eager PyTorch
+composition, forward / backward / both, in GB/s (bias + GELU: bench_gelu.py).
 
     pytest bench/bench_norm.py               each body once, untimed (smoke check)
     pytest bench/bench_norm.py --benchmark   timed; results go to bench/results and bench/RESULTS.md
 
 Providers: "triton" (bertfast.ops._triton_norm) and "torch" (eager: F.layer_norm(x + r),
-F.layer_norm(F.dropout(x + b) + r), F.gelu(x + b)). On CUDA: rows = 16384 (e.g. batch 32 x seqlen 512), widths
-768, 1024, 3072, 4096, bfloat16. On CPU: a tiny smoke size, both providers (Triton runs in the interpreter).
+F.layer_norm(F.dropout(x + b) + r)). On CUDA: rows = 16384 (e.g. batch 32 x seqlen 512), widths 768, 1024, 3072,
+4096, bfloat16. On CPU: a tiny smoke size, both providers (Triton runs in the interpreter).
 
 GB/s uses the bytes each op must move at least, the same figure for both providers (so eager's extra passes
 show up as lower GB/s); M rows, N width, e bytes per element, stats = 8 bytes per row (float32 mean + rstd):
   layer_norm, residual           fwd: read x, r; write y = 3MNe + 8M;  bwd: read dy, x, r; write dx (= dr) = 4MNe + 8M
   layer_norm, bias_dropout_resid fwd: 3MNe + 8M;                       bwd: + dr separate from dx = 5MNe + 8M
-  bias_gelu                      fwd: read x; write y = 2MNe;          bwd: read dy, x; write dx = 3MNe
 ("fwd+bwd" is the sum; weight/bias vectors and the [programs, N] float32 partial sums are left out: < 1%.)
 `copy` times dst.copy_(src) of the same size as a yardstick for the card's achievable bandwidth (2 bytes moved per
 byte copied).
 
 Targets (for the GPU session; H100, bfloat16), not enforced by tests:
   * every Triton kernel >= 80% of the measured copy bandwidth at these sizes;
-  * fwd+bwd >= 1.5x eager for residual LayerNorm, >= 2x eager for bias + GELU.
-The launch heuristics in kernels/layer_norm.py and kernels/gelu.py are untuned (no GPU was available when they
+  * fwd+bwd >= 1.5x eager for residual LayerNorm.
+The launch heuristics in kernels/layer_norm.py are untuned (no GPU was available when they
 were written): tune them there (fwd_config / bwd_config) if these targets are missed.
 """
 from __future__ import annotations
@@ -29,13 +28,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _harness import bench_device, measure
+from _harness import bench_device, measure, run_modes, skip_unless_triton
 
 DEV = bench_device()
 ON_GPU = DEV.type == "cuda"
 ROWS = 16384 if ON_GPU else 32
 LN_WIDTHS = [768, 1024, 3072, 4096] if ON_GPU else [96]
-GELU_WIDTHS = [768, 1024, 3072, 4096] if ON_GPU else [96]
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 MODES = ["fwd", "bwd", "fwd+bwd"]
 PROVIDERS = ["triton", "torch"]
@@ -59,70 +57,26 @@ def _ln_fn(provider, variant):
                                                EPS)
 
 
-def _run_modes(benchmark, fn, inputs, mode):
-    """Returns median seconds of `mode` for y = fn(*inputs) (None when timing is off)."""
-    dy = torch.randn_like(fn(*inputs))
-    if mode == "fwd":
-        return measure(benchmark, lambda: fn(*inputs), device=DEV)
-    if mode == "bwd":
-        y = fn(*inputs)
-        grad_inputs = [t for t in inputs if t.requires_grad]
-        return measure(benchmark, lambda: torch.autograd.grad(y, grad_inputs, dy, retain_graph=True), device=DEV)
-
-    def both():
-        y = fn(*inputs)
-        y.backward(dy)
-    return measure(benchmark, both, device=DEV)
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("variant", ["residual", "bias_dropout_residual"])
 @pytest.mark.parametrize("n", LN_WIDTHS)
 def test_layer_norm(benchmark, record, n, variant, provider, mode):
-    if provider == "triton" and not ON_GPU:
-        import os
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    if provider == "triton":
+        skip_unless_triton(DEV)
     m, dt = ROWS, DTYPE
     x = torch.randn(m, n, device=DEV, dtype=dt, requires_grad=True)
     r = torch.randn(m, n, device=DEV, dtype=dt, requires_grad=True)
     w = torch.ones(n, device=DEV, dtype=dt, requires_grad=True)
     b = torch.zeros(n, device=DEV, dtype=dt, requires_grad=True)
     xb = torch.zeros(n, device=DEV, dtype=dt, requires_grad=(variant != "residual"))
-    s = _run_modes(benchmark, _ln_fn(provider, variant), (x, w, b, r, xb), mode)
+    s = run_modes(benchmark, _ln_fn(provider, variant), (x, w, b, r, xb), mode, device=DEV)
     e = _esize(dt)
     fwd_bytes = 3 * m * n * e + 8 * m  # read x, r; write y; mean/rstd
     bwd_bytes = (4 if variant == "residual" else 5) * m * n * e + 8 * m  # read dy, x, r; write dx (+ dr)
     nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes}[mode]
     record(op=f"layer_norm_{variant}", mode=mode, provider=provider, shape=f"{m}x{n}", dtype=str(dt)[6:],
            seconds=s, bytes=nbytes)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("n", GELU_WIDTHS)
-def test_bias_gelu(benchmark, record, n, provider, mode):
-    if provider == "triton" and not ON_GPU:
-        import os
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
-    m, dt = ROWS, DTYPE
-    x = torch.randn(m, n, device=DEV, dtype=dt, requires_grad=True)
-    bias = torch.randn(n, device=DEV, dtype=dt, requires_grad=True)
-    if provider == "triton":
-        from bertfast.ops import _triton_norm as tn
-        fn = tn.bias_gelu
-    else:
-        def fn(x, bias):
-            return F.gelu(x + bias)
-    s = _run_modes(benchmark, fn, (x, bias), mode)
-    e = _esize(dt)
-    fwd_bytes = 2 * m * n * e  # read x; write y
-    bwd_bytes = 3 * m * n * e  # read dy, x; write dx
-    nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes}[mode]
-    record(op="bias_gelu", mode=mode, provider=provider, shape=f"{m}x{n}", dtype=str(dt)[6:], seconds=s,
-           bytes=nbytes)
 
 
 @pytest.mark.parametrize("n", [4096])

@@ -58,12 +58,12 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, do
               "softmax_cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
-inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_output) {
-  TORCH_CHECK(grad_output.numel() == 1, "softmax_cross_entropy_scale_grad_: grad_output must have one element, got ",
+inline void check_ce_backward_args(const at::Tensor& grad, const at::Tensor& grad_output) {
+  TORCH_CHECK(grad_output.numel() == 1, "softmax_cross_entropy_backward_: grad_output must have one element, got ",
               grad_output.numel());
-  TORCH_CHECK(grad.is_contiguous(), "softmax_cross_entropy_scale_grad_: grad_logits must be contiguous");
+  TORCH_CHECK(grad.is_contiguous(), "softmax_cross_entropy_backward_: grad_logits must be contiguous");
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
-              "softmax_cross_entropy_scale_grad_: grad_logits must be floating point, got ", grad.scalar_type());
+              "softmax_cross_entropy_backward_: grad_logits must be floating point, got ", grad.scalar_type());
 }
 
 }  // namespace bertfast

@@ -5,14 +5,18 @@
 //   mlm_gather_backward(grad [B*P,H], positions [B,P], S) -> grad_hidden [B,S,H]
 //       the VJP: zeros, plus grad[b*P + p] added into row positions[b,p] (duplicates accumulate, -1 dropped).
 //   softmax_cross_entropy(logits [N,V], target [N], ignore_index, label_smoothing, compute_grad)
-//       -> (loss: 0-d, acc dtype; grad_logits: [N,V] (empty unless compute_grad))
+//       -> (loss: 0-d, acc dtype; grad_logits: [N,V] (empty unless compute_grad), float32 for float16 logits and
+//          the logits' dtype otherwise, see grad_dtype in checks.h)
 //       loss = mean over rows with target != ignore_index of the cross-entropy (0 when there are none).
 //       grad_logits = d loss / d logits for grad_output = 1, i.e. (softmax - onehot) / count on kept rows and 0 on
-//       ignored rows, computed in the same pass as the loss (see softmax_cross_entropy_scale_grad_).
-//   softmax_cross_entropy_scale_grad_(grad_logits (mutated), grad_output 0-d) -> ()
+//       ignored rows, computed in the same pass as the loss (see softmax_cross_entropy_backward_).
+//   softmax_cross_entropy_backward_(grad_logits (mutated), grad_output 0-d) -> ()
 //       grad_logits *= grad_output, in place (the backward; see bertfast/ops/_ext.py for why in place is safe).
 //
-// The CUDA kernels of the same ops are in ops_cuda.cu (TORCH_LIBRARY_IMPL(bertfast, CUDA, ...)).
+// The CUDA kernels of the same ops are in ops_cuda.cu (TORCH_LIBRARY_IMPL(bertfast, CUDA, ...)); the argument
+// checks of both are in checks.h.
+// Naming, for every bertfast op (these and the Triton ones of bertfast/ops/_triton_*.py): bertfast::<public op>
+// is the forward, bertfast::<public op>_backward its backward (with a trailing _ when it works in place).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -155,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& l
   return {loss, grad};
 }
 
-void softmax_cross_entropy_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
-  check_scale_grad_args(grad, grad_output);
+void softmax_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_ce_backward_args(grad, grad_output);
   if (grad.numel() == 0) return;
   const double s = grad_output.item<double>();
   if (s == 1.0) return;  // the usual case (loss.backward() in fp32): the forward already wrote d loss / d logits
@@ -175,14 +179,14 @@ TORCH_LIBRARY(bertfast, m) {
   m.def(
       "softmax_cross_entropy(Tensor logits, Tensor target, int ignore_index=-100, float label_smoothing=0.0, "
       "bool compute_grad=False) -> (Tensor, Tensor)");
-  m.def("softmax_cross_entropy_scale_grad_(Tensor(a!) grad_logits, Tensor grad_output) -> ()");
+  m.def("softmax_cross_entropy_backward_(Tensor(a!) grad_logits, Tensor grad_output) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bertfast, CPU, m) {
   m.impl("mlm_gather", &mlm_gather_cpu);
   m.impl("mlm_gather_backward", &mlm_gather_backward_cpu);
   m.impl("softmax_cross_entropy", &softmax_cross_entropy_cpu);
-  m.impl("softmax_cross_entropy_scale_grad_", &softmax_cross_entropy_scale_grad_cpu);
+  m.impl("softmax_cross_entropy_backward_", &softmax_cross_entropy_backward_cpu);
 }
 
 }  // namespace bertfast

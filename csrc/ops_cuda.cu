@@ -377,8 +377,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cuda(const at::Tensor& 
   return {loss, grad};
 }
 
-void softmax_cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
-  check_scale_grad_args(grad, grad_output);
+void softmax_cross_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_ce_backward_args(grad, grad_output);
   const int64_t n = grad.numel();
   if (n == 0) return;
   c10::cuda::CUDAGuard guard(grad.device());
@@ -392,7 +392,7 @@ void softmax_cross_entropy_scale_grad_cuda(const at::Tensor& grad, const at::Ten
     return;
   }
   const at::Tensor go = grad_output.to(grad.device(), at::kFloat);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0, "softmax_cross_entropy_scale_grad_: grad_logits must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0, "softmax_cross_entropy_backward_: grad_logits must be 16-byte aligned");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "softmax_cross_entropy_scale_cuda", [&] {
     constexpr int VEC = 16 / sizeof(scalar_t);
     const int blocks = static_cast<int>(std::min<int64_t>((n / VEC + threads - 1) / threads + 1, max_blocks()));
@@ -407,7 +407,7 @@ TORCH_LIBRARY_IMPL(bertfast, CUDA, m) {
   m.impl("mlm_gather", &mlm_gather_cuda);
   m.impl("mlm_gather_backward", &mlm_gather_backward_cuda);
   m.impl("softmax_cross_entropy", &softmax_cross_entropy_cuda);
-  m.impl("softmax_cross_entropy_scale_grad_", &softmax_cross_entropy_scale_grad_cuda);
+  m.impl("softmax_cross_entropy_backward_", &softmax_cross_entropy_backward_cuda);
 }
 
 }  // namespace bertfast

@@ -41,9 +41,11 @@ import tempfile
 import time
 from typing import Any
 
-# Kernel modules (in bertfast.kernels) that provide gpu_compile_cases. A module whose file does not exist yet is
-# simply absent; one that exists but fails to import is an error (raised, never skipped).
-KERNEL_MODULES = ("layer_norm", "gelu", "attention")
+from bertfast.ops._registry import KERNEL_MODULES
+
+# KERNEL_MODULES: the kernel modules (in bertfast.kernels) that provide gpu_compile_cases, from the op registry
+# (bertfast/ops/_registry.py). A module whose file does not exist yet is simply absent; one that exists but fails
+# to import is an error (raised, never skipped).
 
 # Largest shared memory one block may use (opt-in, cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes:
 # CUDA C Programming Guide, "Technical Specifications per Compute Capability".
@@ -484,7 +486,9 @@ def _serve() -> None:
 
 
 def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    from bertfast.kernels._launch import interpreter_on
+
+    return interpreter_on()
 
 
 def _compile_in_workers(jobs: list[tuple[dict, int]], workers: int) -> list[CompileResult]:

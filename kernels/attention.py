@@ -503,8 +503,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _check_inputs(q, k, v, varlen: bool):
     want = 3 if varlen else 4
@@ -512,7 +510,7 @@ def _check_inputs(q, k, v, varlen: bool):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != want:
             raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in _launch.FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; attention supports float16, bfloat16, float32")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -668,9 +666,6 @@ def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_s
 # GPU-compile contract
 # ----------------------------------------------------------------------------------------------------------
 
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def gpu_compile_cases(capability: int) -> list[dict]:
     """Every configuration the launchers pick at BERT shapes (seqlen 512, batch 32, 12 heads; head_dim
     32/64/128; fp16/bf16/fp32), padded with mask, no dropout, plus varlen with dropout at head_dim 64 (the
@@ -683,7 +678,7 @@ def gpu_compile_cases(capability: int) -> list[dict]:
     cases = []
     for head_dim in (32, 64, 128):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            ty = _TY[dtype]
+            ty = _launch.TL_NAME[dtype]
             es = torch.tensor([], dtype=dtype).element_size()
             tensor_bytes = B * S * H * head_dim * es
             row_bytes = B * S * H * 4
@@ -746,7 +741,6 @@ def _signature(fn, ty: str, head_dim: int, cfg: dict, flags: dict):
     # What the JIT specialises at these shapes: 16-byte aligned pointers and integers divisible by 16 (the
     # strides, seqlen) get tt.divisibility=16, which is what lets the loads vectorise and pipeline (cp.async /
     # TMA-free async copies). Without it the compiled code is not the one that runs.
-    div16 = ("stride_", "max_seqlen")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith(div16))}
-    return sig, consts, attrs
+    # (at B=32, S=512, H=12 every stride and the seqlen are multiples of 16; the head count is not)
+    ints = {name: 16 for name in fn.arg_names if name.startswith(("stride_", "max_seqlen"))}
+    return sig, consts, _launch.divisibility_attrs(fn, sig, ints)

@@ -18,11 +18,9 @@ import triton
 import triton.language as tl
 
 from bertfast.kernels import _launch
-from bertfast.kernels._launch import as_rows, check_runnable, check_vector, device_info
+from bertfast.kernels._launch import (DEFAULT_SMS, FLOAT_DTYPES, TL_PTR, as_rows, check_runnable, check_vector,
+                                      device_info, divisibility_attrs)
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_DEFAULT_SMS = {70: 80, 75: 40, 80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2) (a constexpr: jit code reads no plain globals)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -110,7 +108,7 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
     tiles and leaves one float32 row of d_bias partial sums."""
     block_m, block_n, num_warps = _tile(n_rows, n_cols)
     col_blocks = triton.cdiv(n_cols, block_n)
-    sms = num_sms or _DEFAULT_SMS.get(capability, 108)
+    sms = num_sms or DEFAULT_SMS.get(capability, 108)
     row_programs = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(4 * sms, col_blocks)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
             "grid": (row_programs, col_blocks)}
@@ -121,7 +119,7 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 # ----------------------------------------------------------------------------------------------------------------
 def check_inputs(x, bias) -> None:
     """Validates the arguments of bias_gelu; the messages say what to change."""
-    if x.dtype not in _DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"bias_gelu: x has dtype {x.dtype}; use float32, float16 or bfloat16")
     if x.dim() < 1:
         raise ValueError("bias_gelu: x must have at least one dim (the bias is added along the last one)")
@@ -181,21 +179,11 @@ _BERT_WIDTHS = (3072, 4096)  # intermediate sizes of BERT base / large
 _BERT_ROWS = (32 * 128, 32 * 512)  # batch 32 at seqlen 128 and 512
 
 
-def _divisibility_attrs(fn, signature: dict, ints: dict) -> dict:
-    """Triton's run-time specialisation hints (16-aligned pointers, ints divisible by 16) in
-    `ASTSource(attrs=...)` form: an optional extra key of a compile case, so checks see the real loads."""
-    attrs = {}
-    for name, ty in signature.items():
-        if ty.startswith("*") or (name in ints and ints[name] % 16 == 0):
-            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    return attrs
-
-
 def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> list[dict]:
     """Every (kernel, constexprs, warps) the launchers pick at BERT shapes, for compiling without a GPU."""
     cases = []
-    for dtype in _DTYPES:
-        ptr, esz = _TL_PTR[dtype], torch.empty((), dtype=dtype).element_size()
+    for dtype in FLOAT_DTYPES:
+        ptr, esz = TL_PTR[dtype], torch.empty((), dtype=dtype).element_size()
         for n in widths:
             for m in rows:
                 f = fwd_config(m, n, dtype, capability)
@@ -225,7 +213,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                 }
                 for case in (fwd, bwd):
                     case["dtype"] = ptr[1:]  # the activations' dtype (parameters are float32)
-                    case["attrs"] = _divisibility_attrs(case["fn"], case["signature"], ints)
+                    case["attrs"] = divisibility_attrs(case["fn"], case["signature"], ints)
                     cases.append(case)
     return cases
 

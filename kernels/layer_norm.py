@@ -27,16 +27,13 @@ import triton
 import triton.language as tl
 
 from bertfast.kernels import _launch
-from bertfast.kernels._launch import as_rows, check_runnable, check_vector, device_info
+from bertfast.kernels._launch import (DEFAULT_SMS, FLOAT_DTYPES, TL_PTR, as_rows, check_runnable, check_vector,
+                                      device_info, divisibility_attrs)
 
 # Widest row the kernels take: the whole row lives in registers (one block). 8192 was checked to compile without
 # spills for sm_80 and sm_90 with the warps `_num_warps` picks (ptxas -v, triton 3.8).
 MAX_WIDTH = 8192
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# SM counts of the usual cards by compute capability, used when no device is at hand (compile cases, CPU).
-_DEFAULT_SMS = {70: 80, 75: 40, 80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,7 +250,7 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
     redraw_keep = block_n >= 8192 and dropout
     if block_n >= 8192 and not dropout:
         num_warps = 32
-    sms = num_sms or _DEFAULT_SMS.get(capability, 108)
+    sms = num_sms or DEFAULT_SMS.get(capability, 108)
     per_sm = max(1, 2048 // (32 * num_warps))  # resident programs per SM by threads (2048 threads / SM)
     programs = max(1, min(triton.cdiv(n_rows, block_m), sms * min(per_sm, 4)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
@@ -265,7 +262,7 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 # ----------------------------------------------------------------------------------------------------------------
 def check_inputs(x, weight, bias, residual=None, x_bias=None, dropout_p: float = 0.0) -> None:
     """Validates the arguments of the fused LayerNorm; the messages say what to change."""
-    if x.dtype not in _DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"layer_norm: x has dtype {x.dtype}; use float32, float16 or bfloat16")
     if x.dim() < 1:
         raise ValueError("layer_norm: x must have at least one dim (the normalised last dim)")
@@ -399,17 +396,6 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch
 # ----------------------------------------------------------------------------------------------------------------
 # GPU-compile contract
 # ----------------------------------------------------------------------------------------------------------------
-def _divisibility_attrs(fn, signature: dict, ints: dict) -> dict:
-    """The specialisation hints Triton's launcher gives at run time (pointers from the torch allocator are
-    16-byte aligned; ints divisible by 16 are marked so), in `ASTSource(attrs=...)` form, so that a compile
-    check sees the same vectorised loads as the real launch. Optional extra key of a compile case."""
-    attrs = {}
-    for name, ty in signature.items():
-        if ty.startswith("*") or (name in ints and ints[name] % 16 == 0):
-            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    return attrs
-
-
 _BERT_WIDTHS = (768, 1024)  # hidden sizes of BERT base / large
 _BERT_ROWS = (32 * 128, 32 * 512)  # batch 32 at seqlen 128 and 512
 _VARIANTS = {  # name -> (HAS_XBIAS, HAS_RESIDUAL, HAS_DROPOUT): what the model calls
@@ -424,8 +410,8 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
 
     `widths` / `rows` can be widened (e.g. widths up to MAX_WIDTH) for register-spill checks."""
     cases, seen = [], set()
-    for dtype in _DTYPES:
-        ptr, esz = _TL_PTR[dtype], torch.empty((), dtype=dtype).element_size()
+    for dtype in FLOAT_DTYPES:
+        ptr, esz = TL_PTR[dtype], torch.empty((), dtype=dtype).element_size()
         for n in widths:
             for m in rows:
                 for vname, (xb, res, drop) in _VARIANTS.items():
@@ -472,7 +458,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                     }
                     for case in (fwd, bwd):
                         case["dtype"] = ptr[1:]  # the activations' dtype (parameters are float32)
-                        case["attrs"] = _divisibility_attrs(case["fn"], case["signature"], {
+                        case["attrs"] = divisibility_attrs(case["fn"], case["signature"], {
                             "N": n, **{k: n for k in case["signature"] if k.startswith("stride_")}})
                         if case["name"] not in seen:
                             seen.add(case["name"])

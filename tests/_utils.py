@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from bertfast.kernels._launch import interpreter_on
+from bertfast.kernels._launch import triton_unavailable_reason
 
 __all__ = ["assert_close", "requires_triton", "triton_runnable", "triton_device", "nan_like", "nan_filled_empty",
            "LaunchRecorder"]
@@ -20,17 +20,17 @@ __all__ = ["assert_close", "requires_triton", "triton_runnable", "triton_device"
 def triton_runnable() -> bool:
     """Whether Triton kernels can run in this process: on a CUDA GPU, or on CPU tensors in Triton's interpreter
     (TRITON_INTERPRET=1, which tests/conftest.py sets before anything imports triton when there is no GPU)."""
-    return torch.cuda.is_available() or interpreter_on()
-
-
-requires_triton = pytest.mark.skipif(
-    not triton_runnable(),
-    reason="Triton needs a CUDA GPU or, on CPU tensors, TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")
+    return triton_unavailable_reason(triton_device()) is None
 
 
 def triton_device() -> torch.device:
     """Where the small Triton tests run: the GPU when there is one, else the CPU (Triton's interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+requires_triton = pytest.mark.skipif(
+    not triton_runnable(),
+    reason="Triton needs a CUDA GPU or, on CPU tensors, TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")
 
 
 def assert_close(out: torch.Tensor, ref64: torch.Tensor, same_dtype_ref: torch.Tensor, *, atol: float = 0.0,

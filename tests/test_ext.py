@@ -240,8 +240,8 @@ def test_ce_opcheck(compute_grad, dtype):
     torch.library.opcheck(torch.ops.bertfast.softmax_cross_entropy, (x, t, -100, 0.1, compute_grad))
 
 
-def test_ce_scale_grad_opcheck():
-    torch.library.opcheck(torch.ops.bertfast.softmax_cross_entropy_scale_grad_,
+def test_ce_backward_opcheck():
+    torch.library.opcheck(torch.ops.bertfast.softmax_cross_entropy_backward_,
                           (torch.randn(37, 1001), torch.tensor(0.5)))
 
 
@@ -409,7 +409,7 @@ def test_opcheck_cuda():
     x = torch.randn(37, 30522, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = _targets(37, 30522).cuda()
     torch.library.opcheck(torch.ops.bertfast.softmax_cross_entropy, (x, t, -100, 0.0, True))
-    torch.library.opcheck(torch.ops.bertfast.softmax_cross_entropy_scale_grad_,
+    torch.library.opcheck(torch.ops.bertfast.softmax_cross_entropy_backward_,
                           (torch.randn(37, 1001, device="cuda"), torch.tensor(0.5, device="cuda")))
     hidden = torch.randn(3, 37, 33, device="cuda", requires_grad=True)
     pos = _positions(3, 7, 37).cuda()

@@ -303,3 +303,26 @@ def test_softmax_cross_entropy_rejects_bad_arguments(impl):
             ops.softmax_cross_entropy(logits, target, impl=impl)
     with pytest.raises(ValueError, match=r"softmax_cross_entropy: logits must be 2-D"):
         ops.softmax_cross_entropy(logits[0], torch.tensor([0]), impl=impl)
+
+
+def test_one_registry_of_ops():
+    """bertfast.ops' dispatch and the GPU-compile kernel list come from bertfast/ops/_registry.py: every op there
+    has its public function, its reference, and a function of its name in each impl module it lists."""
+    import importlib
+
+    from bertfast.kernels import _compile
+    from bertfast.ops import _registry
+    names = [op.name for op in _registry.OPS]
+    assert list(ops.describe("cpu")) == names
+    assert _compile.KERNEL_MODULES == _registry.KERNEL_MODULES == ("layer_norm", "gelu", "attention")
+    for op in _registry.OPS:
+        assert callable(getattr(ops, op.name)) and callable(getattr(reference, op.name))
+        assert ops.describe("cuda")[op.name] == op.gpu and ops.describe("cpu")[op.name] == op.cpu
+        for impl, module in op.impls.items():
+            assert callable(getattr(importlib.import_module(module), op.name)), (op.name, impl, module)
+    # one namespace, one naming scheme: bertfast::<op> and bertfast::<op>_backward
+    for name in ("layer_norm", "bias_gelu", "attention", "mlm_gather", "softmax_cross_entropy"):
+        assert hasattr(torch.ops.bertfast, name)
+    for name in ("layer_norm_backward", "bias_gelu_backward", "attention_backward", "mlm_gather_backward",
+                 "softmax_cross_entropy_backward_"):
+        assert hasattr(torch.ops.bertfast, name)

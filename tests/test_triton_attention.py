@@ -285,13 +285,13 @@ def test_opcheck():
     b, s, h, d = 2, 9, 2, 32
     q, k, v = (t.detach().requires_grad_() for t in _fused_qkv(b, s, h, d, torch.float32, dev))
     mask = _mask(torch.tensor([4, 9]), s, dev)
-    fwd = torch.ops.bertfast.flash_attention_fwd.default
+    fwd = torch.ops.bertfast.attention.default
     torch.library.opcheck(fwd, (q, k, v, mask, None, s, 0.1, 0.3, T.draw_seed()))
     lens = torch.tensor([4, 9])
     ql, kl, vl = (_unpad(t.detach(), mask).requires_grad_() for t in (q, k, v))
     torch.library.opcheck(fwd, (ql, kl, vl, None, _cu_seqlens(lens, dev), s, 0.0, 0.3, None))
     out, lse = fwd(q.detach(), k.detach(), v.detach(), mask, None, s, 0.0, 0.3, None)
-    torch.library.opcheck(torch.ops.bertfast.flash_attention_bwd.default,
+    torch.library.opcheck(torch.ops.bertfast.attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, None, s, 0.0,
                            0.3, None))
 

@@ -10,6 +10,7 @@ from _utils import LaunchRecorder, assert_close, requires_triton, triton_device
 from bertfast import ops, reference
 from bertfast.kernels import gelu as gelu_kernels
 from bertfast.kernels import layer_norm as ln_kernels
+from bertfast.ops import _triton_gelu as tg
 from bertfast.ops import _triton_norm as tn
 
 DEVICE = triton_device()
@@ -227,9 +228,9 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="dropout_p must be in"):
         tn.layer_norm(x, w, b, dropout_p=1.5)
     with pytest.raises(ValueError, match="bias must be 1-D of size 16"):
-        tn.bias_gelu(x, torch.zeros(4, 4, device=DEVICE))
+        tg.bias_gelu(x, torch.zeros(4, 4, device=DEVICE))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        tn.bias_gelu(x.to(torch.int32), b)
+        tg.bias_gelu(x.to(torch.int32), b)
 
 
 def test_configs_are_what_the_launchers_use():
@@ -276,7 +277,7 @@ def test_bias_gelu_matches_float64(shape, dtype, atol, rtol):
     bias = torch.randn(n, device=DEVICE)
     dy = torch.randn(shape, device=DEVICE).to(dtype)
     ours, r64, same = leaves([x, bias]), leaves([x, bias], torch.float64), leaves([x, bias])
-    y = tn.bias_gelu(*ours)
+    y = tg.bias_gelu(*ours)
     y.backward(dy)
     y64 = F.gelu(r64[0] + r64[1])
     y64.backward(dy.double())
@@ -310,23 +311,23 @@ def test_bias_gelu_launchers_write_every_element():
 # ---------------------------------------------------------------------------------------------------------------
 def test_opcheck_layer_norm():
     x, w, b, r, xb = make_ln_inputs((3, 5, 40), torch.float32, True, True)
-    seed = torch.tensor([99], dtype=torch.int64)
+    seed = torch.tensor(99, dtype=torch.int64)  # draw_seed()'s contract: a 0-dim int64 CPU tensor
     args = [t.requires_grad_() for t in (x, w, b, r, xb)]
-    torch.library.opcheck(torch.ops.bertfast_triton.layer_norm_fwd.default,
+    torch.library.opcheck(torch.ops.bertfast.layer_norm.default,
                           (*args[:3], args[3], args[4], seed, EPS, 0.1))
-    torch.library.opcheck(torch.ops.bertfast_triton.layer_norm_fwd.default,
+    torch.library.opcheck(torch.ops.bertfast.layer_norm.default,
                           (*args[:3], None, None, None, EPS, 0.0))
-    y, mean, rstd = tn.layer_norm_fwd(x.detach(), w.detach(), b.detach(), r.detach(), xb.detach(), seed, EPS, 0.1)
+    y, mean, rstd = tn.layer_norm_op(x.detach(), w.detach(), b.detach(), r.detach(), xb.detach(), seed, EPS, 0.1)
     dy = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.bertfast_triton.layer_norm_bwd.default,
+    torch.library.opcheck(torch.ops.bertfast.layer_norm_backward.default,
                           (dy, x.detach(), w.detach(), mean, rstd, r.detach(), xb.detach(), seed, 0.1, True))
 
 
 def test_opcheck_bias_gelu():
     x = torch.randn(3, 5, 40, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
-    torch.library.opcheck(torch.ops.bertfast_triton.bias_gelu_fwd.default, (x, bias))
-    torch.library.opcheck(torch.ops.bertfast_triton.bias_gelu_bwd.default,
+    torch.library.opcheck(torch.ops.bertfast.bias_gelu.default, (x, bias))
+    torch.library.opcheck(torch.ops.bertfast.bias_gelu_backward.default,
                           (torch.randn(3, 5, 40), x.detach(), bias.detach()))
 
 
@@ -345,7 +346,7 @@ def test_torch_compile_traces_without_graph_breaks():
 
     def block(x, r):
         h = tn.layer_norm(x, w, b, EPS, r, x_bias=xb, dropout_p=0.1)
-        return tn.bias_gelu(h, fc)
+        return tg.bias_gelu(h, fc)
 
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)

@@ -20,25 +20,12 @@ import importlib
 import torch
 
 from bertfast import reference
-from bertfast.kernels._launch import interpreter_on
+from bertfast.kernels._launch import triton_unavailable_reason
 from bertfast.ops import _checks
 from bertfast.ops._checks import OpArgumentError
+from bertfast.ops._registry import BY_NAME as _OPS  # the one list of ops and their impls
 
 IMPLS = ("auto", "triton", "ext", "torch")
-
-# op name -> (the fast impl on GPU, the fast impl on CPU); every op also has "torch".
-_FAST = {
-    "layer_norm": ("triton", "torch"),
-    "bias_gelu": ("triton", "torch"),
-    "attention": ("triton", "torch"),
-    "varlen_attention": ("triton", "torch"),
-    "mlm_gather": ("ext", "ext"),
-    "softmax_cross_entropy": ("ext", "ext"),
-}
-_MODULES = {"triton": {"layer_norm": "bertfast.ops._triton_norm", "bias_gelu": "bertfast.ops._triton_norm",
-                       "attention": "bertfast.ops._triton_attention",
-                       "varlen_attention": "bertfast.ops._triton_attention"},
-            "ext": {"mlm_gather": "bertfast.ops._ext", "softmax_cross_entropy": "bertfast.ops._ext"}}
 
 
 def resolve_impl(op: str, impl: str, device: torch.device | str) -> str:
@@ -46,12 +33,13 @@ def resolve_impl(op: str, impl: str, device: torch.device | str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     device = torch.device(device)
+    spec = _OPS[op]
     if impl == "auto":
-        return _FAST[op][0 if device.type == "cuda" else 1]
-    if impl != "torch" and op not in _MODULES[impl]:
-        have = ["auto", "torch"] + [i for i in ("triton", "ext") if op in _MODULES[i]]
+        return spec.gpu if device.type == "cuda" else spec.cpu
+    if impl != "torch" and impl not in spec.impls:
+        have = ["auto", "torch"] + list(spec.impls)
         raise ValueError(f"impl={impl!r} has no {op}; {op} runs with impl in {have}")
-    if impl == "triton" and device.type == "cpu" and not interpreter_on():
+    if impl == "triton" and device.type == "cpu" and triton_unavailable_reason(device) is not None:
         raise RuntimeError(
             f"impl='triton' on CPU tensors ({op}) runs Triton's interpreter, which is off: set TRITON_INTERPRET=1 "
             "in the environment before triton is imported (before `import torch` is safest), or use impl='torch' "
@@ -62,7 +50,7 @@ def resolve_impl(op: str, impl: str, device: torch.device | str) -> str:
 def op_impl(op: str, impl: str) -> str:
     """The impl `op` gets from a model-wide choice: "triton" and "ext" apply to the ops that have them, and the
     other ops run as with "auto" (so impl="ext" means the extension's loss kernels plus the default elsewhere)."""
-    if impl in ("triton", "ext") and op not in _MODULES[impl]:
+    if impl in ("triton", "ext") and impl not in _OPS[op].impls:
         return "auto"
     return impl
 
@@ -70,13 +58,13 @@ def op_impl(op: str, impl: str) -> str:
 def _backend(op: str, impl: str):
     if impl == "torch":
         return getattr(reference, op)
-    return getattr(importlib.import_module(_MODULES[impl][op]), op)
+    return getattr(importlib.import_module(_OPS[op].impls[impl]), op)
 
 
 def describe(device: torch.device | str, impl: str = "auto") -> dict[str, str]:
     """{op: concrete impl} for tensors on `device` under the model-wide choice `impl` (see op_impl): what the
     trainer prints at start."""
-    return {op: resolve_impl(op, op_impl(op, impl), device) for op in _FAST}
+    return {op: resolve_impl(op, op_impl(op, impl), device) for op in _OPS}
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, *, x_bias=None, dropout_p: float = 0.0,

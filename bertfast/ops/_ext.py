@@ -120,7 +120,7 @@ def grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if logits_dtype == torch.float16 else logits_dtype
 
 
-@torch.library.register_fake("bertfast::softmax_cross_entropy_scale_grad_")
+@torch.library.register_fake("bertfast::softmax_cross_entropy_backward_")
 def _sce_scale_fake(grad_logits, grad_output):
     return None
 
@@ -174,7 +174,7 @@ def _sce_bwd(ctx, grad_loss, _grad_of_grad_buffer):
             "bertfast softmax_cross_entropy (impl='ext') does not support double backward (create_graph=True); "
             "use impl='torch' for higher-order gradients.")
     ctx.consumed = True
-    _ops.softmax_cross_entropy_scale_grad_(grad, grad_loss)
+    _ops.softmax_cross_entropy_backward_(grad, grad_loss)
     # scaled in float32 for float16 logits, then rounded once to the logits' dtype (a no-op for the others)
     return grad.to(ctx.logits_dtype), None, None, None, None
 

@@ -1,19 +1,17 @@
-"""Autograd-aware torch.library ops over the Triton LayerNorm and bias+GELU kernels (bertfast.kernels.layer_norm,
-bertfast.kernels.gelu).
+"""Autograd-aware torch.library ops over the Triton LayerNorm kernels (bertfast.kernels.layer_norm).
 
 Public (called by bertfast.ops with impl="triton"):
     layer_norm(x, weight, bias, eps, residual, x_bias=None, dropout_p=0.0)
         = LayerNorm(dropout(x + x_bias) + residual) over the last dim
-    bias_gelu(x, bias) = exact (erf) GELU of x + bias
 and for tests: draw_seed() / dropout_keep_mask(seed, shape, p), which give the exact dropout mask a call uses.
 
-Each op is a `torch.library.custom_op` with `register_fake` (so torch.compile traces it as one opaque node) and
-`register_autograd`, whose backward is itself a custom op; forward and backward only call the plain launchers.
+The custom ops, named as every bertfast op: `bertfast::layer_norm` (forward: y, mean, rstd) and
+`bertfast::layer_norm_backward`, each with `register_fake` (so torch.compile traces it as one opaque node); the
+forward's `register_autograd` calls the backward op; both only call the plain launchers.
 
-Dropout: the seed of the Philox keep-mask is drawn on the host from torch's default CPU generator (so
-torch.manual_seed makes runs repeatable) and travels into the op as a one-element int64 CPU tensor, which the
-backward receives again to regenerate the same mask; no mask is stored. Passing it as a tensor (not a Python
-int) keeps the op deterministic for its inputs, which opcheck and torch.compile rely on.
+Dropout: the seed of the Philox keep-mask is `_launch.draw_seed()` (a 0-dim int64 CPU tensor from torch's
+default generator, so torch.manual_seed makes runs repeatable); the backward receives it again to regenerate the
+same mask; no mask is stored.
 """
 from __future__ import annotations
 
@@ -22,64 +20,54 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bertfast.kernels import gelu as _gelu
+from bertfast.kernels import _launch
 from bertfast.kernels import layer_norm as _ln
+from bertfast.kernels._launch import draw_seed
 
 MAX_WIDTH = _ln.MAX_WIDTH
-
-
-def draw_seed() -> Tensor:
-    """The dropout seed layer_norm draws for its next call: an int64 CPU tensor of one element from torch's
-    default generator. Tests re-seed torch, draw it, re-seed again and call layer_norm to know the mask."""
-    return torch.randint(2 ** 31, (1,), dtype=torch.int64, device="cpu")
 
 
 def dropout_keep_mask(seed, shape, dropout_p: float, device="cpu") -> Tensor:
     """The bool keep-mask layer_norm applies with this seed (an int or draw_seed()'s tensor) to an x of `shape`;
     kept elements are scaled by 1 / (1 - dropout_p). Runs the kernels' own mask code."""
-    seed = int(seed.item()) if isinstance(seed, Tensor) else int(seed)
-    return _ln.dropout_keep_mask(seed, shape, dropout_p, device)
-
-
-def _seed_int(seed: Optional[Tensor]) -> int:
-    return int(seed.item()) if seed is not None else 0
+    return _ln.dropout_keep_mask(_launch.seed_value(seed), shape, dropout_p, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("bertfast_triton::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], x_bias: Optional[Tensor],
-                   seed: Optional[Tensor], eps: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("bertfast::layer_norm", mutates_args=())
+def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], x_bias: Optional[Tensor],
+                  seed: Optional[Tensor], eps: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd): y = LayerNorm(dropout(x + x_bias) + residual); dropout only when seed is given."""
     p = dropout_p if seed is not None else 0.0
-    return _ln.layer_norm_fwd(x, weight, bias, eps, residual, x_bias, p, _seed_int(seed))
+    return _ln.layer_norm_fwd(x, weight, bias, eps, residual, x_bias, p, _launch.seed_value(seed))
 
 
-@layer_norm_fwd.register_fake
+@layer_norm_op.register_fake
 def _(x, weight, bias, residual, x_bias, seed, eps, dropout_p):
     stats = x.shape[:-1]
     return (x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
 
 
-@torch.library.custom_op("bertfast_triton::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, residual: Optional[Tensor],
-                   x_bias: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
-                   need_dresidual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dresidual, dweight, dbias, dx_bias) of layer_norm_fwd.
+@torch.library.custom_op("bertfast::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                           residual: Optional[Tensor], x_bias: Optional[Tensor], seed: Optional[Tensor],
+                           dropout_p: float, need_dresidual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias, dx_bias) of layer_norm_op.
 
     A custom op's outputs may not alias each other, so where there is nothing separate to return the slot holds
     an empty tensor: dresidual is empty unless dropout is on, residual given and need_dresidual (otherwise the
     residual's gradient is dx itself, or not needed); dx_bias is empty without x_bias."""
     p = dropout_p if seed is not None else 0.0
-    dx, dres, dw, db, dxb = _ln.layer_norm_bwd(dy, x, weight, mean, rstd, residual, x_bias, p, _seed_int(seed),
-                                               need_dresidual)
+    dx, dres, dw, db, dxb = _ln.layer_norm_bwd(dy, x, weight, mean, rstd, residual, x_bias, p,
+                                               _launch.seed_value(seed), need_dresidual)
     empty = x.new_empty(0)
     dres = dres if (dres is not None and dres is not dx) else empty
     return dx, dres, dw, db, dxb if dxb is not None else empty.clone()
 
 
-@layer_norm_bwd.register_fake
+@layer_norm_backward_op.register_fake
 def _(dy, x, weight, mean, rstd, residual, x_bias, seed, dropout_p, need_dresidual):
     n = x.shape[-1]
     separate_dres = seed is not None and dropout_p > 0.0 and residual is not None and need_dresidual
@@ -99,8 +87,8 @@ def _layer_norm_backward(ctx, dy, dmean, drstd):
     # mean and rstd are saved statistics, not differentiable outputs: their gradients are ignored
     x, weight, mean, rstd, residual, x_bias, seed = ctx.saved_tensors
     need_dres = residual is not None and ctx.needs_input_grad[3]
-    dx, dres, dw, db, dxb = layer_norm_bwd(dy, x, weight, mean, rstd, residual, x_bias, seed, ctx.dropout_p,
-                                           need_dres)
+    dx, dres, dw, db, dxb = layer_norm_backward_op(dy, x, weight, mean, rstd, residual, x_bias, seed, ctx.dropout_p,
+                                                   need_dres)
     if residual is None or not need_dres:
         dres = None
     elif ctx.dropout_p == 0.0:
@@ -108,8 +96,7 @@ def _layer_norm_backward(ctx, dy, dmean, drstd):
     return (dx, dw, db.to(ctx.bias_dtype), dres, dxb if x_bias is not None else None, None, None, None)
 
 
-torch.library.register_autograd("bertfast_triton::layer_norm_fwd", _layer_norm_backward,
-                                setup_context=_layer_norm_setup)
+layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-12, residual: Optional[Tensor] = None,
@@ -120,54 +107,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-12, resi
     of those dtypes; residual like x. dropout_p > 0 draws a seed from torch's generator (see draw_seed)."""
     _ln.check_inputs(x, weight, bias, residual, x_bias, dropout_p)
     seed = draw_seed() if dropout_p > 0.0 else None
-    y, _, _ = layer_norm_fwd(x, weight, bias, residual, x_bias, seed, float(eps), float(dropout_p))
+    y, _, _ = layer_norm_op(x, weight, bias, residual, x_bias, seed, float(eps), float(dropout_p))
     return y
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# bias + GELU
-# ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("bertfast_triton::bias_gelu_fwd", mutates_args=())
-def bias_gelu_fwd(x: Tensor, bias: Tensor) -> Tensor:
-    """gelu(x + bias), exact erf form."""
-    return _gelu.bias_gelu_fwd(x, bias)
-
-
-@bias_gelu_fwd.register_fake
-def _(x, bias):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("bertfast_triton::bias_gelu_bwd", mutates_args=())
-def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """(dx, dbias) of bias_gelu_fwd."""
-    return _gelu.bias_gelu_bwd(dy, x, bias)
-
-
-@bias_gelu_bwd.register_fake
-def _(dy, x, bias):
-    return x.new_empty(x.shape), bias.new_empty(bias.shape)
-
-
-def _bias_gelu_setup(ctx, inputs, output):
-    x, bias = inputs
-    ctx.save_for_backward(x, bias)
-
-
-def _bias_gelu_backward(ctx, dy):
-    x, bias = ctx.saved_tensors
-    dx, dbias = bias_gelu_bwd(dy, x, bias)
-    return dx, dbias
-
-
-torch.library.register_autograd("bertfast_triton::bias_gelu_fwd", _bias_gelu_backward,
-                                setup_context=_bias_gelu_setup)
-
-
-def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
-    """Exact (erf) GELU of x + bias, x [..., N], bias [N]; float32 / float16 / bfloat16, computed in float32."""
-    _gelu.check_inputs(x, bias)
-    return bias_gelu_fwd(x, bias)
-
-
-__all__ = ["MAX_WIDTH", "layer_norm", "bias_gelu", "draw_seed", "dropout_keep_mask"]
+__all__ = ["MAX_WIDTH", "layer_norm", "draw_seed", "dropout_keep_mask"]
