@@ -27,7 +27,7 @@ from bertfast.evaluate import EVAL_KEYS, eval_postfix, evaluate, format_eval  # 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("evaluate")
-    tok, loader = load_data("builtin", builtin_docs=120, eval_fraction=0.1, batch_size=8, max_len=64,
+    tok, loader = load_data("builtin", builtin_docs=80, eval_fraction=0.1, batch_size=8, max_len=64,
                             vocab_size=300, output_dir=str(d / "out"), cache_dir=str(d / "cache"))
     assert loader.eval_loader is not None and len(loader.eval_loader) >= 4
     return tok, loader
