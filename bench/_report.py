@@ -43,7 +43,7 @@ NOISY_ROWS = 0.25  # share of noisy rows that makes the whole run noisy
 # Plot panels: which ops go where (anything else lands in "kernels").
 GROUPS = (("kernels", "kernels: attention, bias+GELU, LayerNorm (vs eager PyTorch)"),
           ("loss", "MLM loss: C++/CUDA extension (vs eager PyTorch)"),
-          ("end-to-end", "end-to-end training (vs bertfast's padded torch reference)"))
+          ("end-to-end", "end-to-end training (vs bertfast on its torch reference ops)"))
 LOSS_OPS = ("softmax_cross_entropy", "mlm_gather")
 END_TO_END_OPS = ("train_step", "default_run")
 
