@@ -198,6 +198,15 @@ def prune_cache(folder: str, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _compiler_version() -> str | None:
+    """The first line of `$CXX --version` (a compiler upgrade must not reuse objects of the old one)."""
+    try:
+        out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
 def build_key(ext, torch) -> str:
     """What a linked _C depends on: every file in csrc/ (sources and headers), the compile and link settings,
     the torch it compiles against (version and git hash fix its headers), the Python ABI and the CUDA archs."""
@@ -215,6 +224,7 @@ def build_key(ext, torch) -> str:
         "archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if ext.sources and any(
             s.endswith(".cu") for s in ext.sources) else None,
         "cuda_home": os.environ.get("CUDA_HOME") if any(s.endswith(".cu") for s in ext.sources) else None,
+        "compiler": _compiler_version(),
         "cc": os.environ.get("CC"), "cxx": os.environ.get("CXX"), "cflags": os.environ.get("CFLAGS"),
         "cxxflags": os.environ.get("CXXFLAGS"), "ldflags": os.environ.get("LDFLAGS"),
     }
