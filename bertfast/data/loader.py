@@ -207,38 +207,14 @@ class EvalLoader:
 
 
 def load_data(
-    name="builtin",
-    loading_ratio: float = 1.0,
-    *,
-    tokenizer=None,
-    vocab_size: int = 8192,
-    max_len: int = 128,
-    batch_size: int = 32,
-    max_predictions: int | None = None,
-    mlm_probability: float = 0.15,
-    seed: int = 0,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    streaming: bool = False,
-    num_proc: int | None = None,
-    cache_dir: str | None = None,
-    output_dir: str | None = None,
-    group_by_length: bool = False,
-    short_seq_prob: float = 0.1,
-    dupe_factor: int = 1,
-    pad_to_multiple_of: int | None = None,
-    shuffle: bool = True,
-    drop_last: bool | None = None,
-    pin_memory: bool = False,
-    hub_overrides: dict | None = None,
-    sentences_per_doc: int | None = None,
-    builtin_docs: int = 1200,
-    text_column: str = "text",
-    doc_column: str | None = None,
-    whole_word_masking: bool = False,
-    eval_fraction: float = 0.0,
-    eval_data=None,
+    name="builtin", loading_ratio: float = 1.0, *, tokenizer=None, vocab_size: int = 8192, max_len: int = 128,
+    batch_size: int = 32, max_predictions: int | None = None, mlm_probability: float = 0.15, seed: int = 0,
+    num_workers: int = 0, rank: int = 0, world_size: int = 1, streaming: bool = False, num_proc: int | None = None,
+    cache_dir: str | None = None, output_dir: str | None = None, group_by_length: bool = False,
+    short_seq_prob: float = 0.1, dupe_factor: int = 1, pad_to_multiple_of: int | None = None, shuffle: bool = True,
+    drop_last: bool | None = None, pin_memory: bool = False, hub_overrides: dict | None = None,
+    sentences_per_doc: int | None = None, builtin_docs: int = 1200, text_column: str = "text",
+    doc_column: str | None = None, whole_word_masking: bool = False, eval_fraction: float = 0.0, eval_data=None,
     eval_batch_size: int | None = None,
 ):
     """Build the pretraining data; returns ``(tokenizer, loader)``.
@@ -272,9 +248,42 @@ def load_data(
     sentences_per_doc: N consecutive rows form one document, each row one sentence (.txt files are then read one
         row per line). None: 64 for bookcorpus, one document per row elsewhere.
     """
-    from .pairs import build_pairs, tokenize_documents
-    from .sources import check_sources, load_documents
+    _check_arguments(seed=seed, batch_size=batch_size, max_len=max_len, vocab_size=vocab_size,
+                     dupe_factor=dupe_factor, num_workers=num_workers, mlm_probability=mlm_probability,
+                     short_seq_prob=short_seq_prob, eval_fraction=eval_fraction, eval_data=eval_data,
+                     eval_batch_size=eval_batch_size)
+    what = f"load_data({name!r}, loading_ratio={loading_ratio})"
+    docs, docs_key, eval_docs, eval_key = _read_documents(
+        name, loading_ratio, eval_data, eval_fraction, seed, what, streaming=streaming, num_proc=num_proc,
+        builtin_docs=builtin_docs, hub_overrides=hub_overrides, cache_dir=cache_dir, text_column=text_column,
+        doc_column=doc_column, sentences_per_doc=sentences_per_doc)
+    tok = _get_tokenizer(tokenizer, docs, docs_key, vocab_size, output_dir, cache_dir)  # training documents only
+    pair_kw = dict(max_len=max_len, short_seq_prob=short_seq_prob, seed=seed, dupe_factor=dupe_factor,
+                   cache_dir=cache_dir, num_proc=num_proc)
+    tokens, pairs = _training_pairs(docs, docs_key, tok, what, pair_kw)
+    share = check_nsp_balance(pairs, tokens, what)  # called from here: its warning points at load_data's caller
+    collator = PretrainingCollator.from_tokenizer(
+        tok, max_len=max_len, max_predictions=max_predictions or default_max_predictions(max_len, mlm_probability),
+        mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of,
+        whole_word_masking=whole_word_masking)
+    loader = _training_loader(pairs, collator, what, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                              drop_last=drop_last, num_workers=num_workers, rank=rank, world_size=world_size,
+                              group_by_length=group_by_length, pin_memory=pin_memory)
+    loader.eval_loader = None if eval_docs is None else _eval_loader(
+        eval_docs, eval_key, tok, collator, pair_kw, eval_data=eval_data, what=what,
+        eval_batch_size=eval_batch_size or 2 * batch_size, seed=seed, rank=rank, world_size=world_size,
+        pin_memory=pin_memory)
+    log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
+    loader.tokenizer, loader.documents, loader.is_next_share = tok, tokens, share
+    return tok, loader
 
+
+# The steps of load_data, in the order it takes them.
+
+
+def _check_arguments(*, seed, batch_size, max_len, vocab_size, dupe_factor, num_workers, mlm_probability,
+                     short_seq_prob, eval_fraction, eval_data, eval_batch_size) -> None:
+    """A DataError naming the first bad argument, before anything is read."""
     for arg, value, lo, hi in (("seed", seed, 0, 2**63 - 1), ("batch_size", batch_size, 1, None),
                                ("max_len", max_len, 8, None), ("vocab_size", vocab_size, 6, None),
                                ("dupe_factor", dupe_factor, 1, None), ("num_workers", num_workers, 0, None)):
@@ -299,63 +308,75 @@ def load_data(
                                         or eval_batch_size < 1):
         raise DataError(f"eval_batch_size={eval_batch_size!r}", "it must be a positive integer",
                         "Use e.g. --eval-batch-size 64, or leave it unset (twice the batch size).")
-    src_kw = dict(hub_overrides=hub_overrides, cache_dir=cache_dir, text_column=text_column, doc_column=doc_column,
-                  sentences_per_doc=sentences_per_doc)
+
+
+def _read_documents(name, loading_ratio, eval_data, eval_fraction, seed, what, *, streaming, num_proc, builtin_docs,
+                    **src_kw):
+    """Check every source first (cheap, nothing read), then read the training documents and the evaluation
+    ones (held out of the training corpus, or read from ``eval_data``)
+    -> (docs, docs_key, eval_docs, eval_key); the eval pair is None without evaluation."""
+    from .sources import check_sources, load_documents
+
     specs = check_sources(name, loading_ratio, **src_kw)
     eval_specs = check_sources(eval_data, 1.0, **src_kw) if eval_data else None
-    load_kw = dict(streaming=streaming, cache_dir=cache_dir, num_proc=num_proc, hub_overrides=hub_overrides,
-                   sentences_per_doc=sentences_per_doc, builtin_docs=builtin_docs, text_column=text_column,
-                   doc_column=doc_column)
+    load_kw = dict(streaming=streaming, num_proc=num_proc, builtin_docs=builtin_docs, **src_kw)
     docs, docs_key = load_documents(specs, **load_kw)
-    what = f"load_data({name!r}, loading_ratio={loading_ratio})"
-    eval_docs = eval_key = None
     if eval_fraction:
-        docs, docs_key, eval_docs, eval_key = split_documents(docs, docs_key, eval_fraction, seed, what)
-    elif eval_specs:
-        eval_docs, eval_key = load_documents(eval_specs, **load_kw)
-    tok = _get_tokenizer(tokenizer, docs, docs_key, vocab_size, output_dir, cache_dir)  # training documents only
-    tokens, tokens_key = tokenize_documents(docs, tok, docs_key, cache_dir=cache_dir, num_proc=num_proc)
+        return split_documents(docs, docs_key, eval_fraction, seed, what)
+    if eval_specs:
+        return (docs, docs_key, *load_documents(eval_specs, **load_kw))
+    return docs, docs_key, None, None
+
+
+def _training_pairs(docs, docs_key: str, tok, what: str, pair_kw: dict):
+    """Tokenise the training documents and build their NSP pairs -> (tokens, pairs); a DataError when fewer
+    than 2 documents have text or no pair can be built."""
+    from .pairs import build_pairs, tokenize_documents
+
+    tokens, tokens_key = tokenize_documents(docs, tok, docs_key, cache_dir=pair_kw["cache_dir"],
+                                            num_proc=pair_kw["num_proc"])
     if len(tokens) < 2:
         raise DataError(what, f"the corpus has {len(tokens)} document(s) with text; next-sentence prediction "
                         "needs at least 2 (random segments come from a different document)",
                         "Give more text (documents are separated by blank lines in .txt files) or a larger ratio.")
-    pair_kw = dict(max_len=max_len, short_seq_prob=short_seq_prob, seed=seed, dupe_factor=dupe_factor,
-                   cache_dir=cache_dir, num_proc=num_proc)
     pairs = build_pairs(tokens, tokens_key, tok, **pair_kw)
     if len(pairs) == 0:
         raise DataError(what, "no sentence pair could be built from the corpus", "Give longer documents.")
-    share = check_nsp_balance(pairs, tokens, what)
-    collator = PretrainingCollator.from_tokenizer(
-        tok, max_len=max_len, max_predictions=max_predictions or default_max_predictions(max_len, mlm_probability),
-        mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of,
-        whole_word_masking=whole_word_masking)
-    loader = PretrainingLoader(pairs, collator, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                               drop_last=drop_last, num_workers=num_workers, rank=rank, world_size=world_size,
-                               group_by_length=group_by_length, pin_memory=pin_memory)
+    return tokens, pairs
+
+
+def _training_loader(pairs, collator: PretrainingCollator, what: str, **kw) -> PretrainingLoader:
+    """The :class:`PretrainingLoader`; a DataError when the pairs make no full batch."""
+    loader = PretrainingLoader(pairs, collator, **kw)
     if len(loader) == 0:
-        raise DataError(what, f"{len(pairs)} pairs make no full batch of {batch_size} x {world_size} ranks",
-                        "Use a smaller batch size or more data.")
-    loader.eval_loader = None
-    if eval_docs is not None:
-        ewhat = f"evaluation data {eval_data!r}" if eval_data else f"{what} held-out documents"
-        etokens, etokens_key = tokenize_documents(eval_docs, tok, eval_key, cache_dir=cache_dir, num_proc=num_proc)
-        if len(etokens) < 2:
-            raise DataError(ewhat, f"it has {len(etokens)} document(s) with text; NSP pairs need at least 2",
-                            "Give a larger --eval-fraction or more --eval-data.")
-        epairs = build_pairs(etokens, etokens_key, tok, **pair_kw)
-        ebs = min(eval_batch_size or 2 * batch_size, len(epairs) // (MIN_EVAL_BATCHES * world_size))
-        if ebs < 1:
-            raise DataError(ewhat, f"it gives {len(epairs)} sentence pairs, fewer than {MIN_EVAL_BATCHES} batches x "
-                            f"{world_size} rank(s) of one pair", "Give a larger --eval-fraction or more --eval-data.")
-        loader.eval_loader = EvalLoader(epairs, collator, batch_size=ebs, seed=seed, rank=rank,
-                                        world_size=world_size, pin_memory=pin_memory, documents=etokens)
-        log.info("%s: %d documents, %d pairs, %d eval batches of %d per rank", ewhat, len(etokens), len(epairs),
-                 len(loader.eval_loader), ebs)
-    log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
-    loader.tokenizer = tok
-    loader.documents = tokens
-    loader.is_next_share = share
-    return tok, loader
+        raise DataError(what, f"{len(pairs)} pairs make no full batch of {loader.batch_size} x {loader.world_size} "
+                        "ranks", "Use a smaller batch size or more data.")
+    return loader
+
+
+def _eval_loader(eval_docs, eval_key: str, tok, collator: PretrainingCollator, pair_kw: dict, *, eval_data,
+                 what: str, eval_batch_size: int, seed: int, rank: int, world_size: int,
+                 pin_memory: bool) -> EvalLoader:
+    """Tokenise the evaluation documents and pair them as the training ones (same settings) -> an
+    :class:`EvalLoader` whose batch shrinks below ``eval_batch_size`` to give each rank MIN_EVAL_BATCHES."""
+    from .pairs import build_pairs, tokenize_documents
+
+    what = f"evaluation data {eval_data!r}" if eval_data else f"{what} held-out documents"
+    etokens, etokens_key = tokenize_documents(eval_docs, tok, eval_key, cache_dir=pair_kw["cache_dir"],
+                                              num_proc=pair_kw["num_proc"])
+    if len(etokens) < 2:
+        raise DataError(what, f"it has {len(etokens)} document(s) with text; NSP pairs need at least 2",
+                        "Give a larger --eval-fraction or more --eval-data.")
+    epairs = build_pairs(etokens, etokens_key, tok, **pair_kw)
+    ebs = min(eval_batch_size, len(epairs) // (MIN_EVAL_BATCHES * world_size))
+    if ebs < 1:
+        raise DataError(what, f"it gives {len(epairs)} sentence pairs, fewer than {MIN_EVAL_BATCHES} batches x "
+                        f"{world_size} rank(s) of one pair", "Give a larger --eval-fraction or more --eval-data.")
+    loader = EvalLoader(epairs, collator, batch_size=ebs, seed=seed, rank=rank, world_size=world_size,
+                        pin_memory=pin_memory, documents=etokens)
+    log.info("%s: %d documents, %d pairs, %d eval batches of %d per rank", what, len(etokens), len(epairs),
+             len(loader), ebs)
+    return loader
 
 
 NSP_BALANCE = (0.4, 0.6)

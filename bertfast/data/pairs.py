@@ -60,9 +60,7 @@ def instances_from_document(doc_index: int, document: list[list[int]], random_do
     one half of the coin and is dropped on the other, so that NSP classes stay balanced.
     """
     max_num_tokens = max_len - 3
-    target = max_num_tokens
-    if rng.random() < short_seq_prob:
-        target = rng.randint(2, max_num_tokens)
+    target = _target_length(max_num_tokens, short_seq_prob, rng)
     out = []
     chunk: list[list[int]] = []
     length = 0
@@ -79,7 +77,6 @@ def instances_from_document(doc_index: int, document: list[list[int]], random_do
                 chunk.append(document[i])
             a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
             tokens_a = [t for s in chunk[:a_end] for t in s]
-            keep = True
             random_next = rng.random() < 0.5
             if len(chunk) == 1 and not random_next:
                 # A document's lone last sentence has no real continuation: drop it on the "real" half of the
@@ -87,22 +84,10 @@ def instances_from_document(doc_index: int, document: list[list[int]], random_do
                 break
             if random_next:
                 is_next = 0
-                target_b = target - len(tokens_a)
-                j = doc_index
-                for _ in range(10):  # a different document (the original tries 10 times too)
-                    j = rng.randrange(n_docs)
-                    if j != doc_index:
-                        break
-                keep = j != doc_index  # only a one-document corpus (or 10 unlucky draws) gets here
-                other = random_document(j)
-                tokens_b = []
-                for s in other[rng.randrange(len(other)) :]:
-                    tokens_b.extend(s)
-                    if len(tokens_b) >= target_b:
-                        break
+                tokens_b, keep = _random_segment(doc_index, random_document, n_docs, target - len(tokens_a), rng)
                 i -= len(chunk) - a_end  # put the unused sentences back
             else:
-                is_next = 1
+                is_next, keep = 1, True
                 tokens_b = [t for s in chunk[a_end:] for t in s]
             truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
             if keep and tokens_a and tokens_b:
@@ -110,6 +95,31 @@ def instances_from_document(doc_index: int, document: list[list[int]], random_do
             chunk, length = [], 0
         i += 1
     return out
+
+
+def _target_length(max_num_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
+    """Tokens a pair is filled up to: ``max_num_tokens``, or with probability ``short_seq_prob`` a random
+    shorter length (so that the model also sees short sequences)."""
+    if rng.random() < short_seq_prob:
+        return rng.randint(2, max_num_tokens)
+    return max_num_tokens
+
+
+def _random_segment(doc_index: int, random_document, n_docs: int, target: int, rng: random.Random):
+    """B of a "not next" pair: whole sentences of another document from a random one on, until ``target``
+    tokens -> (tokens, found): ``found`` is False only for a one-document corpus (or 10 unlucky draws)."""
+    j = doc_index
+    for _ in range(10):  # a different document (the original tries 10 times too)
+        j = rng.randrange(n_docs)
+        if j != doc_index:
+            break
+    other = random_document(j)
+    tokens: list[int] = []
+    for s in other[rng.randrange(len(other)) :]:
+        tokens.extend(s)
+        if len(tokens) >= target:
+            break
+    return tokens, j != doc_index
 
 
 class _BuildPairs:

@@ -365,13 +365,10 @@ def load_hub(spec: SourceSpec, *, streaming: bool = False, cache_dir=None, num_p
     this very code at local parquet files with ``{"path": "parquet", "name": None, "data_files": {...}}``.
     ``text_column`` / ``doc_column`` apply to ``hub:`` sources; bookcorpus and wikipedia use their own layout.
     """
-    import datasets
-
     on_hub = override is None
     override = override or {}
     if not spec.name.startswith("hub:"):  # bookcorpus / wikipedia: their own `text` column, no doc column
         text_column, doc_column = "text", None
-    ratio = spec.ratio
     asked = f"data source {spec.name!r} ({spec.hub_label})"
     offline = None
     if streaming and on_hub:
@@ -381,23 +378,8 @@ def load_hub(spec: SourceSpec, *, streaming: bool = False, cache_dir=None, num_p
             streaming = False
     try:
         if streaming:
-            ids, (path, name, rev, data_files) = _load_hub_dataset(spec, override, streaming=True,
-                                                                    cache_dir=cache_dir, num_proc=num_proc)
-            total = _stream_rows(ids, path, name, data_files) if ratio < 1.0 else None
-            for what_col, col in (("text", text_column), ("doc", doc_column)):
-                if col is not None and col not in (ids.column_names or [col]):
-                    raise DataError(asked, f"it has no {what_col} column {col!r} (columns: {ids.column_names})",
-                                    f"Name an existing column with {what_col}_column= / --{what_col}-column.")
-            stream = ids.select_columns([text_column] + ([doc_column] if doc_column else []))
-            if total is not None:
-                stream = stream.take(max(1, math.ceil(ratio * total)))
-            # Only the prefix is read (no full download); it is kept in memory and processed like the rest.
-            rows = list(stream)
-            if total is None and ratio < 1.0:
-                rows = rows[: max(1, math.ceil(ratio * len(rows)))]
-            cols = {c: [r[c] for r in rows] for c in ([text_column] + ([doc_column] if doc_column else []))}
-            ds = datasets.Dataset.from_dict(cols)
-            fp = _hash(["stream", path, name, rev, str(data_files), len(rows)])
+            ds, fp = _stream_prefix(spec, override, asked, text_column, doc_column, cache_dir=cache_dir,
+                                    num_proc=num_proc)
         else:
             ds, _ = _load_hub_dataset(spec, override, streaming=False, cache_dir=cache_dir, num_proc=num_proc)
             fp = None
@@ -412,11 +394,36 @@ def load_hub(spec: SourceSpec, *, streaming: bool = False, cache_dir=None, num_p
                         + OFFLINE_HINT) from e
     ds = _use_text_column(ds, asked, text_column, doc_column)
     if not streaming:
-        ds = _head(ds, ratio)
+        ds = _head(ds, spec.ratio)
         fp = _hash([ds._fingerprint, "head"])
     docs = to_documents(ds, fp=fp, what=spec.name, cache_dir=cache_dir, num_proc=num_proc, doc_column=doc_column,
                         sentences_per_doc=sentences_per_doc, rows=spec.rows)
     return docs, docs._fingerprint
+
+
+def _stream_prefix(spec: SourceSpec, override: dict, asked: str, text_column: str, doc_column: str | None, *,
+                   cache_dir, num_proc):
+    """Stream the train split and keep its ``spec.ratio`` prefix, the text (and doc) column only, in memory
+    -> (dataset, fingerprint). Only the prefix is read (no full download); it is then processed like the rest."""
+    import datasets
+
+    ratio = spec.ratio
+    ids, (path, name, rev, data_files) = _load_hub_dataset(spec, override, streaming=True, cache_dir=cache_dir,
+                                                            num_proc=num_proc)
+    total = _stream_rows(ids, path, name, data_files) if ratio < 1.0 else None
+    for what_col, col in (("text", text_column), ("doc", doc_column)):
+        if col is not None and col not in (ids.column_names or [col]):
+            raise DataError(asked, f"it has no {what_col} column {col!r} (columns: {ids.column_names})",
+                            f"Name an existing column with {what_col}_column= / --{what_col}-column.")
+    columns = [text_column] + ([doc_column] if doc_column else [])
+    stream = ids.select_columns(columns)
+    if total is not None:
+        stream = stream.take(max(1, math.ceil(ratio * total)))
+    rows = list(stream)
+    if total is None and ratio < 1.0:  # the size was not known: cut the prefix from what was read
+        rows = rows[: max(1, math.ceil(ratio * len(rows)))]
+    ds = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in columns})
+    return ds, _hash(["stream", path, name, rev, str(data_files), len(rows)])
 
 
 def _not_cached_error(spec: SourceSpec, why: str, cache_dir=None) -> DataError:
