@@ -352,16 +352,18 @@ def test_input_validation():
 # ------------------------------------------------------------------------------------------------------------
 
 def _launch_everything(b, s, h, d, dtype=torch.float32, dropout_p=0.1):
-    """Calls every attention launcher (padded fwd/bwd, varlen fwd/bwd, the dense dropout-mask helper) on CPU."""
-    q = torch.randn(b, s, h, d, dtype=dtype)
-    mask = torch.ones(b, s, dtype=torch.bool)
+    """Calls every attention launcher (padded fwd/bwd, varlen fwd/bwd, the dense dropout-mask helper) on the test
+    device (with LaunchRecorder's fakes in place nothing runs)."""
+    dev = triton_device()
+    q = torch.randn(b, s, h, d, dtype=dtype, device=dev)
+    mask = torch.ones(b, s, dtype=torch.bool, device=dev)
     out, lse = K.attention_forward(q, q, q, key_padding_mask=mask, dropout_p=dropout_p, seed=1)
     K.attention_backward(q, q, q, q, out, lse, key_padding_mask=mask, dropout_p=dropout_p, seed=1)
     ql = q.reshape(b * s, h, d)
-    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=dev)
     out, lse = K.attention_forward(ql, ql, ql, cu_seqlens=cu, max_seqlen=s)
     K.attention_backward(ql, ql, ql, ql, out, lse, cu_seqlens=cu, max_seqlen=s)
-    K.dropout_keep_mask(1, dropout_p, b, h, s)
+    K.dropout_keep_mask(1, dropout_p, b, h, s, device=dev)
     return q
 
 
