@@ -113,6 +113,22 @@ def derive(row: dict) -> dict:
     return out
 
 
+def spread_from_benchmark(benchmark, seconds) -> dict:
+    """A row's spread from pytest-benchmark's statistics of its rounds, in the units of `seconds`.
+
+    bench/_harness.measure reports the median divided by its `inner` calls per round; the same factor applies to
+    the other statistics. Nothing when the row's seconds are not that median (a figure the test computed itself)."""
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is None or not stats.median or not seconds:
+        return {}
+    inner = stats.median / seconds
+    if round(inner) < 1 or abs(inner - round(inner)) > 1e-6 * inner:
+        return {}
+    k = 1.0 / round(inner)
+    return {"min_s": stats.min * k, "q1_s": stats.q1 * k, "q3_s": stats.q3 * k, "max_s": stats.max * k,
+            "rounds": stats.rounds}
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
     """speedup = baseline seconds / seconds and vs_hf = transformers' seconds / seconds, within one
     (op, mode, shape, dtype) group of the same run."""

@@ -51,27 +51,13 @@ def record(request):
     def _record(**row):
         row.setdefault("test", request.node.nodeid)
         if row.get("seconds") and "q1_s" not in row:
-            row.update(_spread(request.node.funcargs.get("benchmark"), row["seconds"]))
+            import _report  # bench/_report.py, importable because pytest puts bench/ on sys.path
+
+            row.update(_report.spread_from_benchmark(request.node.funcargs.get("benchmark"), row["seconds"]))
         rows.append(row)
         return row
 
     return _record
-
-
-def _spread(benchmark, seconds) -> dict:
-    """The rounds' spread from pytest-benchmark's statistics, in the units of `seconds`.
-
-    measure() reports the median divided by its `inner` calls per round; the same factor applies to the other
-    statistics. Nothing when the row's seconds are not that median (a figure the test computed otherwise)."""
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if stats is None or not stats.median:
-        return {}
-    inner = stats.median / seconds
-    if round(inner) < 1 or abs(inner - round(inner)) > 1e-6 * inner:
-        return {}
-    k = 1.0 / round(inner)
-    return {"min_s": stats.min * k, "q1_s": stats.q1 * k, "q3_s": stats.q3 * k, "max_s": stats.max * k,
-            "rounds": stats.rounds}
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -91,17 +91,15 @@ def test_plot_panels(results):
     assert png and os.path.getsize(png) > 10_000
 
 
-def test_record_adds_pytest_benchmark_spread():
-    import conftest
-
+def test_spread_from_pytest_benchmark():
     class Stats:
         min, q1, median, q3, max, rounds = 1.0, 1.5, 2.0, 3.0, 4.0, 7
 
     class Bench:
         stats = type("Meta", (), {"stats": Stats})()
 
-    assert conftest._spread(Bench(), 0.2) == pytest.approx(
+    assert _report.spread_from_benchmark(Bench(), 0.2) == pytest.approx(
         {"min_s": 0.1, "q1_s": 0.15, "q3_s": 0.3, "max_s": 0.4, "rounds": 7})  # measure()'s inner=10
-    assert conftest._spread(Bench(), 2.0)["q3_s"] == pytest.approx(3.0)
-    assert conftest._spread(Bench(), 0.7) == {}  # not the benchmark's median: no spread attached
-    assert conftest._spread(None, 0.7) == {}
+    assert _report.spread_from_benchmark(Bench(), 2.0)["q3_s"] == pytest.approx(3.0)
+    assert _report.spread_from_benchmark(Bench(), 0.7) == {}  # not the benchmark's median: no spread attached
+    assert _report.spread_from_benchmark(None, 0.7) == {}
