@@ -10,6 +10,7 @@ Resume policy, per TrainConfig field, comparing with the train_config saved in t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from bertfast import checkpoint as ckpt
 from bertfast.train_config import ConfigError, TrainConfig, check_settings, flag_of, model_fields
 
-# the data order and masks (data, builtin_docs, seed, batch_size, grad_accum), the model (preset, max_len,
-# dropout) and the trained vocabulary (vocab_size)
-RESUME_MUST_MATCH = ("preset", "max_len", "dropout", "data", "builtin_docs", "vocab_size", "seed", "batch_size",
-                     "grad_accum")
-RESUME_IGNORED = ("output_dir", "resume", "tokenizer")  # the tokenizer: checked by fingerprint
+# the data order, split and masks (data, builtin_docs, seed, batch_size, grad_accum, whole_word_masking,
+# sentences_per_doc, eval_fraction, eval_data), the model (preset, max_len, max_position_embeddings, dropout), the
+# trained vocabulary (vocab_size) and the optimizer's state (optimizer)
+RESUME_MUST_MATCH = ("preset", "max_len", "max_position_embeddings", "dropout", "data", "builtin_docs", "vocab_size",
+                     "seed", "batch_size", "grad_accum", "whole_word_masking", "sentences_per_doc", "eval_fraction",
+                     "eval_data", "optimizer")
+RESUME_IGNORED = ("output_dir", "resume", "tokenizer", "init_from")  # the tokenizer: checked by fingerprint
 
 
 @dataclass
@@ -32,6 +35,7 @@ class RunPlan:
     tokenizer: object | None = None  # a resume's tokenizer, loaded and checked against the checkpoint
     notes: list[str] = field(default_factory=list)  # said at start (skipped checkpoints, applied changes)
     restore_tokenizer: bool = False  # OUTPUT_DIR/tokenizer is missing: put the checkpoint's copy back
+    init: object | None = None  # --init-from: the bertfast.pretrained.Pretrained (model, tokenizer) to start from
 
     @property
     def resuming(self) -> bool:
@@ -61,6 +65,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
             raise ConfigError("--output-dir", f"{cfg.output_dir!r} already holds a run (its latest checkpoint is at "
                               f"step {found.step}); a new run there would mix its metrics and checkpoints with that "
                               "one's. Continue it with --resume, or choose a new --output-dir.")
+        if cfg.init_from:
+            plan.init = _init_source(cfg)
         return plan
     found = ckpt.find_latest_checkpoint(cfg.output_dir)
     if found is None or found.step < 0:
@@ -71,11 +77,50 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     plan.resume_from = found
     plan.notes += [f"warning: {m}; using the previous good checkpoint {os.path.basename(found.path)}"
                    for m in found.skipped]
-    _check_model_matches(cfg, found.path)
     plan.saved_state = _load_state(found.path)
+    plan.cfg = cfg = _positions_of_older_runs(plan)
+    _check_model_matches(cfg, found.path)
     _check_resume_settings(plan)
     plan.tokenizer = _resume_tokenizer(plan)
     return plan
+
+
+def _positions_of_older_runs(plan: RunPlan) -> TrainConfig:
+    """Runs from before --max-position-embeddings had as many positions as --max-len: resume them so."""
+    cfg, saved = plan.cfg, plan.saved_state.get("train_config", {})
+    if "max_position_embeddings" in saved:
+        return cfg
+    with open(os.path.join(plan.resume_from.path, "config.json")) as f:
+        positions = json.load(f).get("max_len", cfg.max_position_embeddings)
+    if positions != cfg.max_position_embeddings and positions >= cfg.max_len:
+        plan.notes.append(f"note: the run predates --max-position-embeddings; its model has {positions} positions, "
+                          "kept")
+        return dataclasses.replace(cfg, max_position_embeddings=positions)
+    return cfg
+
+
+def _init_source(cfg: TrainConfig):
+    """--init-from: load the weights and their tokenizer; refuse another architecture or another --tokenizer."""
+    from bertfast.pretrained import load_pretrained
+
+    try:
+        init = load_pretrained(cfg.init_from)
+    except (OSError, ValueError, ckpt.CheckpointError) as e:
+        raise ConfigError("--init-from", f"cannot start from {cfg.init_from!r}: {e}") from None
+    if cfg.tokenizer:
+        other = _load_tokenizer(cfg.tokenizer, "--tokenizer")
+        if ckpt.tokenizer_fingerprint(other) != ckpt.tokenizer_fingerprint(init.tokenizer):
+            raise ConfigError("--tokenizer", f"{cfg.tokenizer!r} is not the tokenizer of --init-from "
+                              f"{cfg.init_from!r}: the weights' token ids would not match. Drop --tokenizer (the "
+                              "source's is used).")
+    src, want = init.model.config.to_dict(), model_fields(cfg)
+    want["vocab_size"] = len(init.tokenizer)
+    diff = [f"{k}: source {src.get(k)!r} vs now {v!r}" for k, v in want.items()
+            if k not in ("dropout", "attention_dropout") and src.get(k) != v]
+    if diff:
+        raise ConfigError("--init-from", f"{cfg.init_from!r} holds another model configuration ({', '.join(diff)}). "
+                          "Use the source's --preset and --max-position-embeddings.")
+    return init
 
 
 def _check_data(cfg: TrainConfig) -> None:
@@ -83,9 +128,14 @@ def _check_data(cfg: TrainConfig) -> None:
     from bertfast.data import DataError, check_sources
 
     try:
-        check_sources(cfg.data)
+        check_sources(cfg.data, sentences_per_doc=cfg.sentences_per_doc)
     except DataError as e:
         raise ConfigError("--data", str(e)) from None
+    try:
+        if cfg.eval_data:
+            check_sources(cfg.eval_data, sentences_per_doc=cfg.sentences_per_doc)
+    except DataError as e:
+        raise ConfigError("--eval-data", str(e)) from None
 
 
 def _load_state(path: str) -> dict:
@@ -106,8 +156,8 @@ def _check_model_matches(cfg: TrainConfig, path: str) -> None:
             if saved.get(k) != v]
     if diff:
         raise ConfigError("--resume", f"checkpoint {os.path.basename(path)} was written for another model "
-                          f"configuration ({', '.join(diff)}). Resume with the same --preset / --max-len / "
-                          "--dropout, or use a new --output-dir.")
+                          f"configuration ({', '.join(diff)}). Resume with the same --preset / "
+                          "--max-position-embeddings / --dropout, or use a new --output-dir.")
 
 
 def _check_resume_settings(plan: RunPlan) -> None:

@@ -39,11 +39,21 @@ class TrainConfig:
     # ---- model
     preset: str = _opt("tiny", "model size: " + ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in PRESETS.items()),
                        "model")
-    max_len: int = _opt(128, "longest sequence in tokens (also the model's position embeddings)", "model")
+    max_len: int = _opt(128, "longest training sequence in tokens", "model")
+    max_position_embeddings: int = _opt(512, "the model's position table (>= --max-len): 512 lets a model trained "
+                                        "at --max-len 128 continue at 512 (phase 2) and take 512-token inputs "
+                                        "after export", "model")
     dropout: float | None = _opt(None, "hidden and attention dropout", "model", shown="preset's (0.1)")
     impl: str = _opt("auto", "op implementations: auto, triton, ext or torch; triton / ext apply to the ops that "
                      "have them, the others run as with auto (triton on a CPU needs TRITON_INTERPRET=1); the choice "
                      "per op is printed at start", "model")
+    init_from: str | None = _opt(None, "start a new run from these weights: a run folder (its newest intact "
+                                 "checkpoint), a checkpoint folder or a transformers folder; fresh optimizer, "
+                                 "schedule and data position, the source's tokenizer (e.g. phase 2 of "
+                                 "docs/recipes.md)", "model", metavar="PATH", shown="none")
+    grad_checkpointing: bool = _opt(False, "recompute each encoder layer in the backward pass (less memory, ~30% "
+                                    "more compute; same losses)", "model")
+    compile: bool = _opt(False, "torch.compile the model (the first steps compile it)", "model")
     # ---- data
     data: list[str] = _opt(["builtin"], "corpora: builtin, bookcorpus, wikipedia, or local .txt/.jsonl/.parquet "
                            "files, folders or globs; RATIO is the fraction of each (bookcorpus:0.1 wikipedia:1/41)",
@@ -55,14 +65,25 @@ class TrainConfig:
                            "--tokenizer)", "data")
     builtin_docs: int = _opt(1200, "documents in the built-in corpus", "data")
     num_workers: int = _opt(0, "data loader processes (results do not depend on it)", "data")
+    whole_word_masking: bool = _opt(False, "mask whole words (a token and its ## pieces) as Google's WWM models "
+                                    "do, instead of single tokens", "data")
+    sentences_per_doc: int | None = _opt(None, "local files with one sentence per row: group N consecutive rows "
+                                         "into a document (NSP draws its 'next' sentences within one)", "data",
+                                         metavar="N", shown="off")
+    eval_fraction: float = _opt(0.01, "hold out this fraction of the documents for evaluation (split before "
+                                "pairs are built; 0: none)", "data")
+    eval_data: list[str] | None = _opt(None, "evaluate on these corpora instead of a held-out fraction (0 "
+                                       "--eval-fraction is implied)", "data", metavar="NAME[:RATIO]", shown="none")
     # ---- optimisation
     epochs: int = _opt(6, "passes over the data (when --max-steps is 0)", "optimisation")
     max_steps: int = _opt(0, "optimizer steps to run; > 0 overrides --epochs", "optimisation")
     batch_size: int = _opt(32, "sequences per device per micro-batch (global batch = this x devices x "
                            "--grad-accum)", "optimisation")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", "optimisation")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)", "optimisation")
-    weight_decay: float = _opt(0.01, "AdamW weight decay on matrices (not on biases nor any LayerNorm weight)",
+    optimizer: str = _opt("adamw", "adamw (fused), or lamb (LAMB as NVIDIA's BERT: trust ratio on matrices only)",
+                          "optimisation", choices=["adamw", "lamb"])
+    lr: float = _opt(1e-3, "peak learning rate", "optimisation")
+    weight_decay: float = _opt(0.01, "decoupled weight decay on matrices (not on biases nor any LayerNorm weight)",
                                "optimisation")
     warmup_steps: int = _opt(30, "linear warmup from 0, then linear decay to 0 at the last step", "optimisation")
     clip_grad: float = _opt(1.0, "max global gradient norm (0: no clipping)", "optimisation")
@@ -79,6 +100,8 @@ class TrainConfig:
     output_dir: str = _opt("runs/bertfast", "where the run writes everything: metrics.jsonl, checkpoints/, "
                            "tokenizer/, train_config.json, model_config.json", "run")
     log_every: int = _opt(10, "steps per metrics.jsonl record", "run")
+    eval_every: int | None = _opt(None, "steps between evaluations on the held-out data (0: never)", "run",
+                                  shown="at every checkpoint and at the end")
     checkpoint_every: int = _opt(200, "steps between checkpoints (0: only at the end); one is always written at "
                                  "the end", "run")
     keep_checkpoints: int = _opt(3, "the newest K checkpoints are kept", "run")
@@ -86,8 +109,8 @@ class TrainConfig:
     export_hf: str | None = _opt(None, "at the end, write a transformers BertForPreTraining (config.json, "
                                  "model.safetensors) and the tokenizer to DIR", "run", metavar="DIR",
                                  shown="none")
-    progress: bool = _opt(True, "show the tqdm progress bar and the data preparation bars (--no-progress: hide "
-                          "them)", "run")
+    progress: bool = _opt(True, "--no-progress hides the tqdm progress bar and the `datasets` preparation bars",
+                          "run")
 
 
 class ConfigError(ValueError):
@@ -160,6 +183,20 @@ def _check_ranges(cfg: TrainConfig) -> None:
     need(cfg.threads >= 0, "--threads", f"must be >= 0, got {cfg.threads}")
     need(0 <= cfg.seed <= SEED_MAX, "--seed", f"must be in [0, {SEED_MAX}], got {cfg.seed}")
     need(bool(cfg.data), "--data", "give at least one corpus (e.g. builtin)")
+    need(cfg.max_position_embeddings >= cfg.max_len, "--max-position-embeddings",
+         f"{cfg.max_position_embeddings} is less than --max-len {cfg.max_len}: the model needs a position for "
+         "every token; raise it (BERT: 512)")
+    need(cfg.max_position_embeddings <= 8192, "--max-position-embeddings", f"must be <= 8192, got "
+         f"{cfg.max_position_embeddings}")
+    need(cfg.optimizer in ("adamw", "lamb"), "--optimizer", f"choose adamw or lamb, got {cfg.optimizer!r}")
+    need(cfg.sentences_per_doc is None or cfg.sentences_per_doc >= 1, "--sentences-per-doc",
+         f"must be >= 1 rows per document, got {cfg.sentences_per_doc}")
+    need(0 <= cfg.eval_fraction < 1, "--eval-fraction", f"must be in [0, 1), got {cfg.eval_fraction}")
+    need(cfg.eval_every is None or cfg.eval_every >= 0, "--eval-every", f"must be >= 0 (0: never), got "
+         f"{cfg.eval_every}")
+    need(cfg.eval_data is None or len(cfg.eval_data) > 0, "--eval-data", "give at least one corpus")
+    need(not (cfg.init_from and cfg.resume), "--init-from", "a resume continues from its own checkpoint: drop "
+         "--init-from (it starts a new run from other weights)")
 
 
 def _check_device(cfg: TrainConfig) -> None:
@@ -218,7 +255,7 @@ def model_fields(cfg: TrainConfig) -> dict:
 
     layers, hidden = presets[cfg.preset]
     d = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-             intermediate_size=4 * hidden, max_len=cfg.max_len)
+             intermediate_size=4 * hidden, max_len=cfg.max_position_embeddings)
     if cfg.dropout is not None:
         d.update(dropout=cfg.dropout, attention_dropout=cfg.dropout)
     return d

@@ -31,9 +31,13 @@ def tiny_cfg(out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def read_metrics(out) -> list[dict]:
+def read_metrics(out, kind: str = "train") -> list[dict]:
+    """The training records of metrics.jsonl (kind "eval": the evaluation records; "all": both, in order)."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        recs = [json.loads(line) for line in f]
+    if kind == "all":
+        return recs
+    return [r for r in recs if ("eval_mlm_loss" in r) == (kind == "eval")]
 
 
 def deterministic(recs: list[dict]) -> list[dict]:
@@ -80,7 +84,7 @@ def test_train_loss_falls_and_writes_everything(run):
         assert f.read().strip() == "step_00000024"
     with open(os.path.join(out, "model_config.json")) as f:
         mc = json.load(f)
-    assert (mc["hidden_size"], mc["num_hidden_layers"], mc["max_len"]) == (128, 2, 64)
+    assert (mc["hidden_size"], mc["num_hidden_layers"], mc["max_len"]) == (128, 2, 512)  # 512 positions
     assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
     state = torch.load(os.path.join(out, "checkpoints", "step_00000012", "state.pt"), weights_only=False)
     assert set(state["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
@@ -122,12 +126,15 @@ def test_train_corrupt_checkpoint_is_skipped_and_resume_is_exact(run, tmp_path, 
     from bertfast.data import load_data
 
     _, loader = load_data(cfg.data, tokenizer=os.path.join(out, "tokenizer"), max_len=cfg.max_len,
-                          batch_size=cfg.batch_size, seed=cfg.seed, builtin_docs=cfg.builtin_docs, drop_last=True)
+                          batch_size=cfg.batch_size, seed=cfg.seed, builtin_docs=cfg.builtin_docs, drop_last=True,
+                          eval_fraction=cfg.eval_fraction)
     order = [[(e, i) for i in idx] for e in range(3) for idx in loader.batch_indices(e)]
-    assert loaded == order[12:24]
+    from bertfast.data.loader import EVAL_EPOCH
+
+    assert [keys for keys in loaded if keys[0][0] != EVAL_EPOCH] == order[12:24]  # evaluations read their own
     assert any("step_00000016" in m and "corrupt" in m for m in logs), logs
     assert any("resuming from" in m and "step_00000012" in m for m in logs), logs
-    assert deterministic(read_metrics(work)) == deterministic(read_metrics(out))
+    assert deterministic(read_metrics(work, "all")) == deterministic(read_metrics(out, "all"))
     for k, v in load_weights(work / "checkpoints" / "step_00000024").items():
         assert torch.equal(v, load_weights(out / "checkpoints" / "step_00000024")[k]), k
 
@@ -153,7 +160,7 @@ def test_train_resume_of_a_finished_run_says_so(run, tmp_path):
                   log=logs.append)
     assert again["step"] == summary["step"] == 24
     assert any("nothing left to train" in m and "--max-steps" in m for m in logs), logs
-    assert read_metrics(tmp_path / "done") == read_metrics(out)
+    assert read_metrics(tmp_path / "done", "all") == read_metrics(out, "all")
 
 
 def test_train_new_run_over_an_existing_one_is_refused_and_a_failed_attempt_restarts_clean(run, tmp_path):
@@ -331,7 +338,8 @@ def test_train_ddp_two_processes_equal_one(run, tmp_path):
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / ckpt.checkpoint_name(step))
     resumed = dataclasses.replace(two, output_dir=str(tmp_path / "resumed"), resume=True)
     _spawn(resumed, f"file:{tmp_path / 'rendezvous'}", tmp_path / "logs_resumed")
-    assert deterministic(read_metrics(tmp_path / "resumed")) == deterministic(recs)
+    assert deterministic(read_metrics(tmp_path / "resumed", "all")) == deterministic(read_metrics(tmp_path / "two",
+                                                                                                  "all"))
 
 
 def test_train_ddp_signal_to_one_rank_stops_every_rank_at_one_step(run, tmp_path):
@@ -364,7 +372,8 @@ def test_train_ddp_signal_to_one_rank_stops_every_rank_at_one_step(run, tmp_path
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "stopped")] == [step]
     resumed = dataclasses.replace(stopped, resume=True)
     _spawn(resumed, f"file:{tmp_path / 'rdzv_resumed'}", tmp_path / "logs_resumed")
-    assert deterministic(read_metrics(tmp_path / "stopped")) == deterministic(read_metrics(tmp_path / "full"))
+    assert deterministic(read_metrics(tmp_path / "stopped", "all")) == deterministic(read_metrics(tmp_path / "full",
+                                                                                                  "all"))
 
 
 # Not marked `gpu`: DESIGN.md keeps the `gpu` tests free of `datasets`, which the GPU image lacks; this one runs
