@@ -176,6 +176,7 @@ def cached_build_ext(torch, with_cuda):
             if os.path.isfile(cached):
                 os.makedirs(os.path.dirname(out), exist_ok=True)
                 shutil.copy2(cached, out)
+                os.utime(os.path.dirname(cached))  # recently used: the last entry prune_cache removes
                 print(f"bertfast: csrc/ and torch unchanged since a previous build: reusing "
                       f"{os.path.relpath(cached, ROOT)} (rm -rf build/ to recompile)", flush=True)
                 return
@@ -192,14 +193,14 @@ def cached_build_ext(torch, with_cuda):
 
 
 def prune_cache(folder: str, keep: int) -> None:
-    """Keeps the `keep` most recently built entries of build/_C-cache (a CUDA _C is tens of MB)."""
+    """Keeps the `keep` most recently built or reused entries of build/_C-cache (a CUDA _C is tens of MB)."""
     entries = sorted((os.path.join(folder, d) for d in os.listdir(folder)), key=os.path.getmtime, reverse=True)
     for old in entries[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def _compiler_version() -> str | None:
-    """The first line of `$CXX --version` (a compiler upgrade must not reuse objects of the old one)."""
+    """The first line of `$CXX --version` (after a compiler upgrade, a _C built by the old one is not reused)."""
     try:
         out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True, timeout=30)
         return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else None
