@@ -36,13 +36,13 @@ def _shown_default(f: dataclasses.Field) -> str:
 
 def _add_flag(group, f: dataclasses.Field) -> None:
     meta, kind = f.metadata, str(f.type).removesuffix(" | None")
-    flag = flag_of(f.name)
+    flag, text = flag_of(f.name), meta["help"].replace("%", "%%")  # argparse formats help with %
     if kind == "bool":  # switches: --resume turns a False default on, --no-progress a True default off
         group.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
-                           help=meta["help"])
+                           help=text)
         return
     kw = dict(dest=f.name, default=f.default_factory() if f.default is dataclasses.MISSING else f.default,
-              help=f"{meta['help']} (default: {_shown_default(f)})")
+              help=f"{text} (default: {_shown_default(f)})")
     if kind == "list[str]":
         kw.update(nargs="+")
     else:

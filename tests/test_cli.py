@@ -223,11 +223,13 @@ def test_cli_flags_help_and_docs_agree_with_trainconfig():
 
     parser = build_parser()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields_by_name = {f.name: f for f in dataclasses.fields(TrainConfig)}
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "flag_table")}
     assert set(actions) == fields
     text = parser.format_help()
     for name, a in actions.items():
         assert a.help and len(a.help) > 10, name
+        assert fields_by_name[name].metadata["help"].replace("%", "%%") in a.help, name  # the field's own text
         assert "(default: True)" not in a.help and "(default: False)" not in a.help, (name, a.help)
         assert flag_of(name) in a.option_strings and flag_of(name) in text, name
     assert "--no-progress" in text and "--seed" in text
