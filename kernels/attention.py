@@ -415,7 +415,9 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, capability: i
     wide = dtype == torch.float32   # 4-byte operands: half the tile for the same shared memory
     big_d = block_d >= 128
     if kind == "bwd_preprocess":
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
+        # fp32 d128 over 4 warps spills 4 B on sm_80 under triton 3.6 (the GPU machine's release): 8 warps there
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": 8 if (wide and big_d) else 4,
+                "num_stages": 1}
     if wide and precision == "ieee":
         # full-fp32 dots (FFMA): the tf32 tiles spill (up to 36 KB at d128); these compile without spills for
         # head_dim 32/64/128, sm_80 and sm_90, padded and varlen + dropout (ptxas -v, triton 3.8). Not tuned.
