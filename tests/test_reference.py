@@ -54,6 +54,25 @@ def test_dropout_keep_rate_and_scale():
     assert torch.equal(x.grad, kept.float() / 0.9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dropout_draw_contract_is_bit_exact(dtype):
+    """One uniform draw per element, kept where draw >= p, scaled by 1 / (1 - p): bit for bit, forward and gradient,
+    and the generator left where one rand_like leaves it (so training runs' logged losses never move when the
+    implementation does)."""
+    p = 0.1
+    x = torch.randn(37, 50, dtype=dtype, requires_grad=True)
+    g = torch.randn(37, 50, dtype=dtype)
+    torch.manual_seed(11)
+    y = reference.dropout(x, p)
+    (gx,) = torch.autograd.grad(y, x, g)
+    after = torch.rand(4)
+    torch.manual_seed(11)
+    scaled_keep = (torch.rand_like(x) >= p).to(dtype) * (1.0 / (1.0 - p))
+    assert torch.equal(after, torch.rand(4))
+    assert torch.equal(y, x.detach() * scaled_keep)
+    assert torch.equal(gx, g * scaled_keep)
+
+
 @pytest.mark.parametrize("dtype, tol", DT)
 def test_bias_gelu(dtype, tol):
     x, bias = torch.randn(5, 37, dtype=dtype), torch.randn(37, dtype=dtype)
