@@ -855,7 +855,10 @@ def _summary(step, rec, checkpoint, output_dir, epochs) -> dict:
 def _nothing_left(plan: RunPlan, log) -> dict:
     """--resume of a run already at its last step: say so before any data is prepared (rank 0 speaks)."""
     step, path = int(plan.saved_state["step"]), plan.resume_from.path
-    if int(os.environ.get("RANK", "0")) == 0:
+    import torch.distributed as dist
+
+    joined = dist.is_available() and dist.is_initialized()
+    if (dist.get_rank() if joined else int(os.environ.get("RANK", "0"))) == 0:
         log(f"done: nothing left to train, {path} is already at the run's last step ({step}); raise --max-steps or "
             "--epochs to train further")
         if plan.cfg.export_hf:

@@ -105,7 +105,8 @@ def _metrics(out):
 
 
 TOTAL = 80  # steps of every run here: the runs that are stopped mid-way must still be running when stopped
-STEPS = ["--max-steps", str(TOTAL), "--log-every", "2"]
+# evaluation every 4 steps in every run, whatever its --checkpoint-every (by default it follows the checkpoints)
+STEPS = ["--max-steps", str(TOTAL), "--log-every", "2", "--eval-every", "4"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines reach the files as they are printed
 
 
