@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from _harness import bench_device, measure, skip_unless_triton
 
-from bertfast import ops
+from bertfast import ops, padding
 
 DEV = bench_device()
 if DEV.type == "cuda":
@@ -50,9 +50,9 @@ def _make(provider: str, lens: torch.Tensor):
     qkv = torch.randn(B, S, 3, H, D, device=DEV, dtype=DTYPE)
     tokens = int(lens.sum())
     if provider == "triton-varlen":
-        leaf = qkv[mask].requires_grad_()  # [T, 3, H, D]
-        cu = F.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32).to(DEV)
-        max_len = int(lens.max())
+        layout = padding.layout_from_mask(mask)
+        leaf = layout.unpad(qkv).requires_grad_()  # [T, 3, H, D]
+        cu, max_len = layout.cu_seqlens, layout.max_seqlen
 
         def fn():
             q, k, v = leaf.unbind(1)

@@ -59,14 +59,6 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     return out.to(q.dtype)
 
 
-def unpad_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> torch.Tensor:
-    """For each of `total` unpadded tokens, its row in a [batch * max_seqlen] padded layout (no host sync)."""
-    cu = cu_seqlens.to(torch.int64)
-    tok = torch.arange(total, device=cu.device)
-    seq = torch.searchsorted(cu[1:], tok, right=True)  # which sequence each token belongs to
-    return seq * max_seqlen + (tok - cu[seq])
-
-
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None):
     """Attention on unpadded tokens q, k, v [T, H, D]; sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1].
 

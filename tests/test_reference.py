@@ -6,7 +6,7 @@ import torch
 
 from _utils import assert_close
 
-from bertfast import ops, reference
+from bertfast import ops, padding, reference
 
 DT = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)]
 
@@ -119,7 +119,7 @@ def test_attention_against_loop():
 def test_varlen_attention_equals_padded():
     lengths = [5, 0, 9, 1]
     h, d = 2, 8
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    cu = padding.cu_seqlens_from_seqlens(torch.tensor(lengths))
     q, k, v = (torch.randn(int(cu[-1]), h, d, dtype=torch.float64) for _ in range(3))
     out = reference.varlen_attention(q, k, v, cu, max(lengths), softmax_scale=0.3)
     for i, n in enumerate(lengths):

@@ -11,7 +11,7 @@ import torch
 
 from _utils import LaunchRecorder, assert_close, nan_like, requires_triton, triton_device
 
-from bertfast import ops, reference
+from bertfast import ops, padding, reference
 from bertfast.kernels import attention as K
 from bertfast.ops import _triton_attention as T
 
@@ -166,14 +166,6 @@ def test_mask_with_holes():
         torch.testing.assert_close(g.double(), r, **_tol32())
 
 
-def _unpad(x, mask):
-    return x[mask]  # [total_tokens, H, D], tokens in (batch, position) order
-
-
-def _cu_seqlens(lens, device):
-    return torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32).to(device)
-
-
 @requires_triton
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -190,16 +182,17 @@ def test_varlen_equals_padded(dtype, dropout_p):
     dout = torch.randn(out_p.shape, device=dev).to(dtype)
     grads_p = torch.autograd.grad(out_p, (q, k, v), dout)
 
-    ql, kl, vl = (_unpad(t.detach(), mask).requires_grad_() for t in (q, k, v))
+    layout = padding.layout_from_mask(mask)
+    ql, kl, vl = (layout.unpad(t.detach()).requires_grad_() for t in (q, k, v))
     torch.manual_seed(7)
-    out_v = T.varlen_attention(ql, kl, vl, _cu_seqlens(lens, dev), s, dropout_p)
-    grads_v = torch.autograd.grad(out_v, (ql, kl, vl), _unpad(dout, mask))
+    out_v = T.varlen_attention(ql, kl, vl, layout.cu_seqlens, s, dropout_p)
+    grads_v = torch.autograd.grad(out_v, (ql, kl, vl), layout.unpad(dout))
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
     if dev.type == "cuda":
         tol = dict(atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(out_v, _unpad(out_p, mask), **tol)
+    torch.testing.assert_close(out_v, layout.unpad(out_p), **tol)
     for gv, gp in zip(grads_v, grads_p):
-        torch.testing.assert_close(gv, _unpad(gp, mask), **tol)
+        torch.testing.assert_close(gv, layout.unpad(gp), **tol)
 
 
 @requires_triton
@@ -207,7 +200,7 @@ def test_varlen_matches_project_reference():
     """Against bertfast.reference.varlen_attention (the impl="torch" path) through the public dispatch."""
     dev = triton_device()
     lens = torch.tensor([5, 0, 33, 1])
-    cu = _cu_seqlens(lens, dev)
+    cu = padding.cu_seqlens_from_seqlens(lens.to(dev))
     total, h, d = int(lens.sum()), 2, 32
     q, k, v = (torch.randn(total, h, d, device=dev, requires_grad=True) for _ in range(3))
     out = ops.varlen_attention(q, k, v, cu, 33, impl="triton")
@@ -287,9 +280,9 @@ def test_opcheck():
     mask = _mask(torch.tensor([4, 9]), s, dev)
     fwd = torch.ops.bertfast.attention.default
     torch.library.opcheck(fwd, (q, k, v, mask, None, s, 0.1, 0.3, T.draw_seed()))
-    lens = torch.tensor([4, 9])
-    ql, kl, vl = (_unpad(t.detach(), mask).requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(fwd, (ql, kl, vl, None, _cu_seqlens(lens, dev), s, 0.0, 0.3, None))
+    layout = padding.layout_from_mask(mask)
+    ql, kl, vl = (layout.unpad(t.detach()).requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(fwd, (ql, kl, vl, None, layout.cu_seqlens, s, 0.0, 0.3, None))
     out, lse = fwd(q.detach(), k.detach(), v.detach(), mask, None, s, 0.0, 0.3, None)
     torch.library.opcheck(torch.ops.bertfast.attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, None, s, 0.0,
