@@ -701,8 +701,24 @@ def _finish(run: _Run) -> dict:
     if run.d.is_main and cfg.export_hf:
         export_hf(run.model, cfg.export_hf, run.tokenizer)
         run.log(f"exported a transformers BertForPreTraining + tokenizer to {cfg.export_hf}")
+    if run.d.is_main and rec:
+        _plot_curves(cfg.output_dir, run.log)
     _barrier(run.d)
     return {**_summary(st.step, rec, st.last_checkpoint, cfg.output_dir, st.epochs), "eval": run.last_eval}
+
+
+def _plot_curves(output_dir: str, log) -> None:
+    """OUTPUT_DIR/metrics.png (bertfast.plot) when matplotlib is installed; a plot that fails never fails the run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    from bertfast.plot import plot_runs
+
+    try:
+        log(f"training curves: {plot_runs([output_dir], os.path.join(output_dir, 'metrics.png'))}")
+    except Exception as e:  # noqa: BLE001 - the run's results are already saved; the plot is a convenience
+        log(f"warning: could not draw {os.path.join(output_dir, 'metrics.png')}: {e}")
 
 
 def _summary(step, rec, checkpoint, output_dir, epochs) -> dict:

@@ -4,6 +4,7 @@ export loads in transformers with equal logits. All CPU, tiny model, a small bui
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -86,6 +87,9 @@ def test_train_loss_falls_and_writes_everything(run):
         mc = json.load(f)
     assert (mc["hidden_size"], mc["num_hidden_layers"], mc["max_len"]) == (128, 2, 512)  # 512 positions
     assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
+    if importlib.util.find_spec("matplotlib"):  # the curves, drawn at the end when matplotlib is installed
+        with open(os.path.join(out, "metrics.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     state = torch.load(os.path.join(out, "checkpoints", "step_00000012", "state.pt"), weights_only=False)
     assert set(state["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
     assert state["data"]["batches_consumed"] + state["data"]["epoch"] * state["data"]["batches_per_epoch"] == 12
