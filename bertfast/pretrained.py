@@ -3,9 +3,11 @@
 Accepted, in the order they are recognised:
 
 * a bertfast run folder (what `python -m bertfast.pretrain --output-dir RUN` writes): the newest checkpoint that
-  passes its manifest check, and the run's tokenizer (``RUN/tokenizer``);
+  passes its manifest check, with the tokenizer stored in that checkpoint (``step_*/tokenizer``) or else the
+  run's (``RUN/tokenizer``);
 * one bertfast checkpoint folder (``RUN/checkpoints/step_*``: model.safetensors + config.json + manifest.json),
-  with the tokenizer from the folder itself or from its run (``../../tokenizer``);
+  with the tokenizer from the folder itself (``tokenizer/`` in it, or its own files) or from its run
+  (``../../tokenizer``);
 * a folder in transformers' format (config.json of a ``bert`` model + weights) holding a BertModel,
   BertForMaskedLM, BertForPreTraining (or BertForSequenceClassification) - heads the weights lack are freshly
   initialised, and `Pretrained.new_weights` / `Pretrained.describe()` say which;
@@ -251,12 +253,13 @@ def load_pretrained(path_or_name: str | os.PathLike, *, device: str | torch.devi
                 warnings.warn(f"{msg}; using the previous good checkpoint {os.path.basename(found.path)}",
                               stacklevel=2)
             model = _load_bertfast_checkpoint(found.path, impl=impl, unpad=unpad)
-            tok = _tokenizer_from([os.path.join(src_abs, "tokenizer"), src_abs], f"the run folder {src}", tokenizer)
+            tok = _tokenizer_from([os.path.join(found.path, "tokenizer"), os.path.join(src_abs, "tokenizer"), src_abs],
+                                  f"the run folder {src}", tokenizer)
             out = Pretrained(model, tok, "run", found.path, step=found.step)
         elif _is_checkpoint(src_abs):
             model = _load_bertfast_checkpoint(src_abs, impl=impl, unpad=unpad)
             run = os.path.dirname(os.path.dirname(src_abs))
-            tok = _tokenizer_from([src_abs, os.path.join(src_abs, "tokenizer"), os.path.join(run, "tokenizer")],
+            tok = _tokenizer_from([os.path.join(src_abs, "tokenizer"), src_abs, os.path.join(run, "tokenizer")],
                                   f"the checkpoint {src}", tokenizer)
             m = re.match(r"^step_(\d+)$", os.path.basename(src_abs))
             out = Pretrained(model, tok, "checkpoint", src_abs, step=int(m.group(1)) if m else None)
