@@ -169,8 +169,9 @@ def _check_resume_settings(plan: RunPlan) -> None:
     refused = [(k, a, b) for k, a, b in changed if k in RESUME_MUST_MATCH]
     if refused:
         what = ", ".join(f"{flag_of(k)} {b!r} (checkpoint: {a!r})" for k, a, b in refused)
-        raise ConfigError("--resume", f"{what} differ from the run in checkpoint {name}; the data order, masks, "
-                          "model or vocabulary depend on them, so a resume must keep them. Resume with the run's "
+        verb, them = ("differs", "it") if len(refused) == 1 else ("differ", "them")
+        raise ConfigError("--resume", f"{what} {verb} from the run in checkpoint {name}; the data order, masks, "
+                          f"model or vocabulary depend on {them}, so a resume must keep {them}. Resume with the run's "
                           "values (see its train_config.json), or start a new run in another --output-dir.")
     applied = [(k, a, b) for k, a, b in changed if k not in RESUME_MUST_MATCH]
     if applied:
