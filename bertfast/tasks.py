@@ -285,107 +285,70 @@ def _label_kind(y, path: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- built-in task
-# "Does sentence B fit the person of sentence A?" in the world of the built-in pretraining corpus
-# (bertfast.data.builtin_corpus: each topic has its place, areas, things and people). Label 1 "consistent", 0
-# "contradicts". Three kinds of hypothesis, each half consistent and half not:
-#   thing (1/2): "She keeps a bright anchor in the pantry." fits iff the thing AND the area belong to the place of
-#                A (an anchor is a harbour thing; a pantry is in the bakery); a contradicting B has the thing, the
-#                area or both from another place, so B alone does not tell;
-#   place (1/4): "Ravik works at the harbour." / "Ravik has never worked at the harbour." fits iff the place is
-#                (resp. is not) A's: negation flips the answer;
-#   role  (1/4): "People know Ravik as a sailor." fits iff the role is one of the place's people.
-# No single word tells the label: every thing, area, place, role and "never" occurs as often in consistent as in
-# contradicting pairs, so the label always depends on how a word of B relates to a word of A.
-# The sentences are new (templates, names and towns the pretraining corpus does not use), and the validation
-# split uses things, areas and roles that the training split never shows (each topic's last three things, last
-# two areas and last role): a model can only score above chance on those through what it learnt about these words
-# elsewhere - in pretraining, where the corpus tells which things and areas go with which place.
-BUILTIN_LABELS = ("contradicts", "consistent")
-BUILTIN_VERSION = 1
+# "Are sentence A and sentence B set at the same place?" in the world of the built-in pretraining corpus
+# (bertfast.data.builtin_corpus: twelve places, each with its areas, things and verbs). Label 1 "same", 0
+# "different". Each sentence names two words of one place (a thing with an area or a verb, or an area with a verb)
+# but never the place itself, in templates, names and towns the corpus does not use:
+#   A: "Juno left a dusty lantern by the quay."   B: "Nobody had rowed a barrel like that in years."   -> same
+# Why it needs both sentences: B's place is drawn independently of the label (A's follows from B's and the label),
+# so each sentence alone, and every word of it, is as often in a "same" pair as in a "different" one; A and B
+# never share a content word (so "the same word twice" tells nothing); words of which a part belongs to two places
+# (rope, porter, chart / star chart, ...) are left out. What it needs from pretraining: the validation split uses
+# only words the training split never shows (the last two areas, things and verbs of each place). A model
+# fine-tuned from scratch has random vectors for them and is at chance there; a pretrained one can do better only
+# through what pretraining taught about these words - the corpus sets every one of them in stories of its place.
+BUILTIN_LABELS = ("different", "same")
+BUILTIN_VERSION = 2
 _TASK_SYL = ["ra", "vik", "sel", "da", "mon", "ju", "pe", "ter", "qui", "no", "ha", "zel", "bri", "os", "cu", "wen"]
 _TASK_TOWNS = ["Amberley", "Brackwater", "Coldharbour", "Dinsmore", "Elmstead", "Foxley", "Glenmoor", "Hartwell"]
 _TASK_ADJ = ["shiny", "dusty", "wooden", "curious", "famous", "spare", "borrowed", "lovely"]
+_TASK_CATEGORIES = ("area", "things", "verbs")  # of builtin_corpus.TOPICS (people: too few per place to split)
+_TASK_TEMPLATES = {  # the two word categories a sentence names -> templates (none is a corpus sentence)
+    ("things", "area"): ["{Name} left {an_adj_thing} by the {area}.",
+                         "There was {an_thing} behind the {area} all winter.",
+                         "Someone from {town} asked who owns the {thing} near the {area}."],
+    ("things", "verbs"): ["{Name} {verb} the {thing} twice before lunch.",
+                          "Nobody had {verb} {an_thing} like that in years.",
+                          "Yesterday the {adj} {thing} was {verb} by {Name}."],
+    ("area", "verbs"): ["Everything in the {area} had been {verb} by noon.",
+                        "{Name} {verb} what was left in the {area} for a friend from {town}."],
+}
 
 
 def _task_world():
-    """Per topic: place, and the (train, validation) halves of its areas, things and people."""
+    """Per place: {category: (training words, validation words)}: the validation split takes the last two words of
+    each category, the training split the others, leaving out words of which a part is used by two places (rope;
+    chart of the hospital and star chart of the observatory). Every place keeps at least two words of each category
+    in each split, so the two sentences of a same-place pair can always name different words."""
+    from collections import Counter
+
     from bertfast.data.builtin_corpus import TOPICS
 
+    uses = Counter(p for t in TOPICS.values() for p in {p for k in _TASK_CATEGORIES for w in t[k] for p in w.split()})
     world = {}
     for name in sorted(TOPICS):
-        t = TOPICS[name]
-        world[name] = dict(place=t["place"], area=(t["area"][:3], t["area"][3:]),
-                           things=(t["things"][:5], t["things"][5:]), people=(t["people"][:2], t["people"][2:]))
+        world[name] = {}
+        for k in _TASK_CATEGORIES:
+            usable = [w for w in TOPICS[name][k] if all(uses[p] == 1 for p in w.split())]
+            world[name][k] = (usable[:-2], usable[-2:])
+            assert len(usable) >= 4, (name, k)  # builtin_corpus.TOPICS changed: pick other categories
     return world
-
-
-def _pick_other(rng, world, topic, key, part, avoid):
-    """A word of `key` from another topic that is not also a word of `topic` (some words are shared: rope)."""
-    while True:
-        other = rng.choice([t for t in world if t != topic])
-        word = rng.choice(world[other][key][part])
-        if word not in avoid:
-            return word
 
 
 def _an(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _task_pair(rng: random.Random, world, names, part: int) -> tuple[str, str, int]:
-    topic = rng.choice(sorted(world))
-    w = world[topic]
-    all_of = {k: set(w[k][0]) | set(w[k][1]) for k in ("area", "things", "people")}
-    name, town = rng.choice(names), rng.choice(_TASK_TOWNS)
-    he = rng.choice(["he", "she"])
-    his, him = {"he": ("his", "him"), "she": ("her", "her")}[he]
-    kind = rng.choices(["thing", "place", "role"], weights=[2, 1, 1])[0]
-    label = rng.randrange(2)
-    place = w["place"]
-    if kind == "role":  # A must not state a role itself
-        premise = rng.choice([f"{name} has spent {rng.randint(2, 30)} years at the {place} in {town}.",
-                              f"The {place} in {town} is where {name} goes every day.",
-                              f"Most mornings you will find {name} at the {place} in {town}."])
-    else:
-        role = rng.choice(w["people"][part])
-        premise = rng.choice([f"{name} is the {role} of the {place} in {town}.",
-                              f"Everyone in {town} knows {name}, the {role} at the {place}.",
-                              f"At the {place} in {town}, {name} works as {_an(role)}."])
-    if rng.random() < 0.5:
-        premise += " " + rng.choice([f"{he.capitalize()} likes {rng.choice(['quiet', 'rainy', 'early'])} mornings.",
-                                     f"{his.capitalize()} friends call {him} {name[:3]}.",
-                                     f"{he.capitalize()} has a sister in {rng.choice(_TASK_TOWNS)}."])
-    if kind == "thing":
-        thing, area = rng.choice(w["things"][part]), rng.choice(w["area"][part])
-        if not label:  # the thing, the area or both from another place (so B alone cannot tell)
-            how = rng.randrange(3)
-            if how == 0:
-                thing = _pick_other(rng, world, topic, "things", part, all_of["things"])
-            elif how == 1:
-                area = _pick_other(rng, world, topic, "area", part, all_of["area"])
-            else:
-                other = rng.choice([t for t in world if t != topic])
-                thing = rng.choice([x for x in world[other]["things"][part] if x not in all_of["things"]] or
-                                   [_pick_other(rng, world, topic, "things", part, all_of["things"])])
-                area = rng.choice([x for x in world[other]["area"][part] if x not in all_of["area"]] or
-                                  [_pick_other(rng, world, topic, "area", part, all_of["area"])])
-        adj = rng.choice(_TASK_ADJ)
-        hyp = rng.choice([f"{he.capitalize()} keeps {_an(adj)} {thing} in the {area}.",
-                          f"In the {area} there is {_an(thing)} that {name} looks after.",
-                          f"{name} spent the afternoon with {_an(adj)} {thing} in the {area}."])
-    elif kind == "place":
-        negated = rng.random() < 0.5
-        same = bool(label) != negated  # "never worked at X" is consistent when X is another place
-        other = place if same else world[rng.choice([t for t in world if t != topic])]["place"]
-        if negated:
-            hyp = rng.choice([f"{name} has never worked at the {other}.", f"{name} does not work at the {other}."])
-        else:
-            hyp = rng.choice([f"{name} works at the {other}.", f"{his.capitalize()} job is at the {other}."])
-    else:
-        role = rng.choice(w["people"][part]) if label else _pick_other(rng, world, topic, "people", part,
-                                                                          all_of["people"])
-        hyp = rng.choice([f"People know {name} as {_an(role)}.", f"{name} is {_an(role)} by trade."])
-    return premise, hyp, label
+def _task_sentence(rng: random.Random, words: dict, part: int, names, avoid: set) -> tuple[str, set]:
+    """A sentence naming two words of one place (`words`: that place's categories), none of them in `avoid`, and
+    the words it names."""
+    cats = rng.choice(sorted(_TASK_TEMPLATES))
+    pick = {k: rng.choice([w for w in words[k][part] if w not in avoid]) for k in cats}
+    thing, adj = pick.get("things", ""), rng.choice(_TASK_ADJ)
+    text = rng.choice(_TASK_TEMPLATES[cats]).format(
+        Name=rng.choice(names), town=rng.choice(_TASK_TOWNS), adj=adj, thing=thing, an_thing=thing and _an(thing),
+        an_adj_thing=_an(adj) + " " + thing, area=pick.get("area"), verb=pick.get("verbs"))
+    return text, set(pick.values())
 
 
 def builtin_task(n_train: int = 2000, n_validation: int = 1000, seed: int = 0) -> tuple[Examples, Examples]:
@@ -396,10 +359,22 @@ def builtin_task(n_train: int = 2000, n_validation: int = 1000, seed: int = 0) -
         names.add("".join(rng.choice(_TASK_SYL) for _ in range(rng.randint(2, 3))).capitalize())
     names = sorted(names)
     world = _task_world()
+    places = sorted(world)
     out = []
     for part, n in ((0, n_train), (1, n_validation)):
-        pairs = [_task_pair(rng, world, names, part) for _ in range(n)]
-        out.append(Examples([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]))
+        a_texts, b_texts, labels = [], [], []
+        for _ in range(n):
+            label = rng.randrange(2)
+            place_b = rng.choice(places)  # B's place is independent of the label; A's follows from both
+            place_a = place_b if label else rng.choice([p for p in places if p != place_b])
+            a, used = _task_sentence(rng, world[place_a], part, names, set())
+            b, _ = _task_sentence(rng, world[place_b], part, names, used)
+            if rng.random() < 0.5:
+                a, b = b, a
+            a_texts.append(a)
+            b_texts.append(b)
+            labels.append(label)
+        out.append(Examples(a_texts, b_texts, labels))
     return out[0], out[1]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bertfast import finetune
-from bertfast.tasks import GLUE, TaskError, builtin_task, compute_metrics, load_files, load_glue, load_task
+from bertfast.tasks import GLUE, Examples, TaskError, builtin_task, compute_metrics, load_files, load_glue, load_task
 
 # ---------------------------------------------------------------------------------------------- helpers
 SENTS = [("the cat sat on the mat", "a cat was on a mat", 1), ("he ran to the big house", "she ate a red apple", 0),
@@ -250,42 +250,71 @@ def test_load_task_routes_and_refuses(tmp_path):
         load_task(None, train="x.csv")
     with pytest.raises(TaskError, match="not both"):
         load_task("builtin", train="x.csv", validation="y.csv")
-    assert load_task("builtin", builtin_train=10, builtin_validation=5).label_names == ["contradicts", "consistent"]
+    assert load_task("builtin", builtin_train=10, builtin_validation=5).label_names == ["different", "same"]
 
 
 # ---------------------------------------------------------------------------------------------- built-in task
+def _place_words():
+    """word -> its place, from the pretraining corpus' own tables (what pretraining can teach), one-place words."""
+    from bertfast.data.builtin_corpus import TOPICS
+
+    seen = {}
+    for place, t in TOPICS.items():
+        for w in {w for k in ("area", "things", "verbs", "people") for w in t[k]}:
+            seen.setdefault(w, set()).add(place)
+    return {w: p.pop() for w, p in seen.items() if len(p) == 1}
+
+
+def _places_of(text, words):
+    return {p for w, p in words.items() if re.search(rf"\b{re.escape(w)}\b", text.lower())}
+
+
 def test_builtin_task_is_fixed_balanced_and_needs_both_sentences():
     tr, va = builtin_task(2000, 1000)
     tr2, va2 = builtin_task(2000, 1000)
     assert (tr.text, tr.text_pair, tr.labels, va.labels) == (tr2.text, tr2.text_pair, tr2.labels, va2.labels)
     assert builtin_task(50, 10, seed=1)[0].text != tr.text[:50]
     assert 0.45 < np.mean(tr.labels) < 0.55 and 0.45 < np.mean(va.labels) < 0.55
-    # no word tells the label: a bag-of-words model of A and B (no interactions) is at chance on validation
+    # the label is "same place": knowing which place each word belongs to (what the corpus teaches) solves all pairs
+    words = _place_words()
+    for ex in (tr, va):
+        for a, b, y in zip(ex.text, ex.text_pair, ex.labels):
+            pa, pb = _places_of(a, words), _places_of(b, words)
+            assert len(pa) == len(pb) == 1 and (pa == pb) == bool(y), (a, b, y)
+    # no shortcut: a bag-of-words model of A and B (no interactions), of one sentence alone, or the number of words
+    # A and B share score at chance on validation (even trained on validation-like words: fitted on half of it)
     from scipy.sparse import hstack
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
 
     vec = CountVectorizer().fit(tr.text + tr.text_pair + va.text + va.text_pair)
-    x = hstack([vec.transform(tr.text), vec.transform(tr.text_pair)])
-    v = hstack([vec.transform(va.text), vec.transform(va.text_pair)])
-    clf = LogisticRegression(max_iter=2000).fit(x, tr.labels)
-    assert clf.score(v, va.labels) < 0.58
+    half = len(va) // 2
+    for fit_on, fit_y, score_on, score_y in ((tr, tr.labels, va, va.labels),
+                                             (Examples(va.text[:half], va.text_pair[:half], va.labels[:half]),
+                                              va.labels[:half],
+                                              Examples(va.text[half:], va.text_pair[half:], va.labels[half:]),
+                                              va.labels[half:])):
+        for feats in (lambda e: hstack([vec.transform(e.text), vec.transform(e.text_pair)]),
+                      lambda e: vec.transform(e.text_pair),
+                      lambda e: np.array([[len(set(a.lower().split()) & set(b.lower().split()))]
+                                          for a, b in zip(e.text, e.text_pair)])):
+            clf = LogisticRegression(max_iter=2000).fit(feats(fit_on), fit_y)
+            assert clf.score(feats(score_on), score_y) < 0.58
 
 
 def test_builtin_task_holds_out_words_and_sentences_from_pretraining():
-    from bertfast.data.builtin_corpus import TOPICS, builtin_texts
+    from bertfast.data.builtin_corpus import builtin_texts
 
     tr, va = builtin_task(2000, 1000)
-    train_words = set(" ".join(tr.text + tr.text_pair).lower().replace(".", " ").split())
-    held_out = {w for t in TOPICS.values() for w in t["things"][5:] + t["area"][3:] if " " not in w} - {
-        w for t in TOPICS.values() for w in t["things"][:5] + t["area"][:3]}
-    assert held_out and not (held_out & train_words)
-    val_words = set(" ".join(va.text + va.text_pair).lower().replace(".", " ").split())
-    assert held_out <= val_words
+    words = _place_words()
+    train_words = {w for t in tr.text + tr.text_pair for w in words if re.search(rf"\b{re.escape(w)}\b", t.lower())}
+    val_words = {w for t in va.text + va.text_pair for w in words if re.search(rf"\b{re.escape(w)}\b", t.lower())}
+    assert len(train_words) >= 100 and len(val_words) >= 60 and not (train_words & val_words)
     corpus = set()
     for doc in builtin_texts(200):
-        corpus.update(s.strip() for s in doc.split(". "))
-    assert not any(h.rstrip(".") in corpus for h in va.text_pair[:200] + tr.text_pair[:200])
+        corpus.update(s.strip().rstrip(".") for s in doc.split(". "))
+    assert not any(h.rstrip(".") in corpus for h in va.text_pair[:200] + tr.text_pair[:200] + tr.text[:200])
+    assert all(w in " ".join(builtin_texts()) for w in val_words)  # ... but the corpus holds every one of the words
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
