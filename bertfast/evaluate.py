@@ -1,4 +1,4 @@
-"""Held-out evaluation of a pretraining model (issue 16 section 1): MLM and NSP loss and accuracy over a whole
+"""Held-out evaluation of a pretraining model: MLM and NSP loss and accuracy over a whole
 evaluation set, reduced over the ranks of a data-parallel run, without touching any training RNG stream.
 
     from bertfast.evaluate import evaluate, format_eval
