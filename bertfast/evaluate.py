@@ -22,12 +22,13 @@ import sys
 import numpy as np
 import torch
 
+from bertfast.precision import PRECISIONS, autocast
+
 __all__ = ["evaluate", "format_eval", "eval_postfix", "preserve_rng", "EVAL_KEYS"]
 
 EVAL_KEYS = ("eval_loss", "eval_mlm_loss", "eval_mlm_acc", "eval_nsp_loss", "eval_nsp_acc", "eval_tokens",
              "eval_sequences", "eval_predictions")
 
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The per-rank sums, in the order of the packed tensor that is all-reduced.
 _SUMS = ("mlm_loss_sum", "predictions", "mlm_correct", "nsp_loss_sum", "sequences", "nsp_correct", "tokens")
@@ -65,9 +66,9 @@ def _eval_mode(model: torch.nn.Module):
 def _autocast_dtype(precision):
     if isinstance(precision, torch.dtype):
         return None if precision == torch.float32 else precision
-    if isinstance(precision, str) and precision in _AUTOCAST:
-        return _AUTOCAST[precision]
-    raise ValueError(f"evaluate(precision={precision!r}): choose one of {', '.join(_AUTOCAST)} (or a torch dtype), "
+    if isinstance(precision, str) and precision in PRECISIONS:
+        return PRECISIONS[precision]
+    raise ValueError(f"evaluate(precision={precision!r}): choose one of {', '.join(PRECISIONS)} (or a torch dtype), "
                      "as the run's --precision")
 
 
@@ -165,7 +166,7 @@ def evaluate(model: torch.nn.Module, eval_loader, *, device, precision="fp32", p
 
 def _batch_sums(net, x, device: torch.device, dtype) -> torch.Tensor:
     """One batch's sums in _SUMS order, float64 on the device (no host sync)."""
-    with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+    with autocast(device.type, dtype):
         o = net(**x.model_inputs(static_mlm=True))
     tgt = o.mlm_targets
     real = tgt != -100

@@ -16,7 +16,6 @@ last epoch's metrics by name, with what was run). See docs/finetune.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,9 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bertfast.precision import PRECISIONS, autocast as _autocast
 from bertfast.tasks import TASKS, TaskData, TaskError, compute_metrics, load_task
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -236,14 +234,14 @@ def run(cfg: FinetuneConfig, *, log=print) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
     amp = PRECISIONS[cfg.precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    autocast = lambda: _autocast(device.type, amp)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1)  # dropout
 
     where = "fresh weights (--from-scratch) of " if cfg.from_scratch else ""
     log(f"bertfast fine-tuning: {task.name}, {len(train)} train / {len(val)} validation examples, "
-        + (f"regression" if task.regression else f"{task.num_labels} classes ({', '.join(task.label_names)})"))
+        + ("regression" if task.regression else f"{task.num_labels} classes ({', '.join(task.label_names)})"))
     log(f"  model: {where}{pre.describe()}")
     log(f"  {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr}, warmup {warmup} "
         f"steps, max_len {max_len}, {cfg.precision} on {device}")

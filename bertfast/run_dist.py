@@ -8,8 +8,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: train_config does not import this module's users
+    from bertfast.train_config import TrainConfig
 
 
 class TrainingError(RuntimeError):

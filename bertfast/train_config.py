@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bertfast.model import PRESETS
+from bertfast.precision import PRECISIONS
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED_MAX = 2 ** 32 - 1  # numpy's legacy seeding takes 32 bits
 
 

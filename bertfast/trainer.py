@@ -36,6 +36,7 @@ import torch
 from bertfast import checkpoint as ckpt
 from bertfast.flops import peak_flops, training_flops
 from bertfast.model import BertForPreTraining
+from bertfast.precision import autocast
 from bertfast.run_dist import (  # noqa: F401 - _Dist, _select_device: for the tests
     PeerFailed, TrainingError, _all_reduce_sum, _barrier, _Dist, _on_every_rank, _select_device, _setup_distributed,
     _StopRequest)
@@ -200,8 +201,7 @@ class _Run:
         _say(msg, self.d, self.log)
 
     def autocast(self):
-        dtype = PRECISIONS[self.cfg.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return autocast(self.device.type, PRECISIONS[self.cfg.precision])
 
 
 def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:

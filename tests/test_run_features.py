@@ -2,7 +2,6 @@
 whole-word masking, --sentences-per-doc, --compile, --grad-checkpointing; issue 16 section 1: evaluation)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
