@@ -19,11 +19,11 @@ from bertfast import checkpoint as ckpt
 from bertfast.train_config import ConfigError, TrainConfig, check_settings, flag_of, model_fields
 
 # the data order, split and masks (data, builtin_docs, seed, batch_size, grad_accum, whole_word_masking,
-# sentences_per_doc, eval_fraction, eval_data), the model (preset, max_len, max_position_embeddings, dropout), the
+# sentences_per_doc, text_column, doc_column, eval_fraction, eval_data), the model (preset, max_len, max_position_embeddings, dropout), the
 # trained vocabulary (vocab_size) and the optimizer's state (optimizer)
 RESUME_MUST_MATCH = ("preset", "max_len", "max_position_embeddings", "dropout", "data", "builtin_docs", "vocab_size",
-                     "seed", "batch_size", "grad_accum", "whole_word_masking", "sentences_per_doc", "eval_fraction",
-                     "eval_data", "optimizer")
+                     "seed", "batch_size", "grad_accum", "whole_word_masking", "sentences_per_doc", "text_column",
+                     "doc_column", "eval_fraction", "eval_data", "optimizer")
 RESUME_IGNORED = ("output_dir", "resume", "tokenizer", "init_from")  # the tokenizer: checked by fingerprint
 
 
@@ -127,13 +127,14 @@ def _check_data(cfg: TrainConfig) -> None:
     """The corpora exist and are readable text (bertfast.data.check_sources: no dataset is read)."""
     from bertfast.data import DataError, check_sources
 
+    columns = dict(sentences_per_doc=cfg.sentences_per_doc, text_column=cfg.text_column, doc_column=cfg.doc_column)
     try:
-        check_sources(cfg.data, sentences_per_doc=cfg.sentences_per_doc)
+        check_sources(cfg.data, **columns)
     except DataError as e:
         raise ConfigError("--data", str(e)) from None
     try:
         if cfg.eval_data:
-            check_sources(cfg.eval_data, sentences_per_doc=cfg.sentences_per_doc)
+            check_sources(cfg.eval_data, **columns)
     except DataError as e:
         raise ConfigError("--eval-data", str(e)) from None
 

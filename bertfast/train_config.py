@@ -70,6 +70,10 @@ class TrainConfig:
     sentences_per_doc: int | None = _opt(None, "local files with one sentence per row: group N consecutive rows "
                                          "into a document (NSP draws its 'next' sentences within one)", "data",
                                          metavar="N", shown="off")
+    text_column: str = _opt("text", "the text column of hub: sources and local .jsonl / .parquet files", "data",
+                            metavar="COLUMN")
+    doc_column: str | None = _opt(None, "rows sharing a value of this column form one document, in order (e.g. "
+                                  "doc_id); default: one document per row", "data", metavar="COLUMN", shown="off")
     eval_fraction: float = _opt(0.01, "hold out this fraction of the documents for evaluation (split before "
                                 "pairs are built; 0: none)", "data")
     eval_data: list[str] | None = _opt(None, "evaluate on these corpora instead of a held-out fraction (0 "

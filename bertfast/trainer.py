@@ -331,6 +331,7 @@ def _load_data(plan: RunPlan, d: _Dist, device: torch.device):
             seed=cfg.seed, num_workers=cfg.num_workers, rank=d.rank, world_size=d.world_size, output_dir=None,
             drop_last=True, builtin_docs=cfg.builtin_docs, pin_memory=device.type == "cuda",
             whole_word_masking=cfg.whole_word_masking, sentences_per_doc=cfg.sentences_per_doc,
+            text_column=cfg.text_column, doc_column=cfg.doc_column,
             eval_fraction=0.0 if cfg.eval_data else cfg.eval_fraction, eval_data=cfg.eval_data,
             eval_batch_size=EVAL_BATCH_FACTOR * cfg.batch_size)
 

@@ -148,6 +148,22 @@ def test_masking_and_document_options_reach_the_data(phase1, tmp_path, monkeypat
     assert seen[0]["whole_word_masking"] is True and seen[0]["sentences_per_doc"] == 8
 
 
+def test_text_and_doc_columns_reach_the_data(tmp_path):
+    """--text-column / --doc-column: a .jsonl corpus with its own column names trains, and a missing column is
+    refused before any work, naming the flag."""
+    rows = [{"body": f"document {d} sentence {i} is about the {('river', 'hill', 'town')[i % 3]} near here.",
+             "doc": d} for d in range(40) for i in range(8)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = train(tiny_cfg(tmp_path / "o", data=[str(corpus)], text_column="body", doc_column="doc", max_steps=1,
+                             eval_every=0, vocab_size=200), log=lambda *_: None)
+    assert summary["step"] == 1
+    with pytest.raises(ConfigError, match="--data.*no text column 'text'"):
+        validate_config(tiny_cfg(tmp_path / "p", data=[str(corpus)]))
+    with pytest.raises(ConfigError, match="--data.*doc"):
+        validate_config(tiny_cfg(tmp_path / "q", data=[str(corpus)], text_column="body", doc_column="book"))
+
+
 # ---------------------------------------------------------------------------------------------- model options
 def test_grad_checkpointing_gives_the_same_losses(phase1, tmp_path):
     tok = str(phase1[0] / "tokenizer")
