@@ -285,41 +285,46 @@ def _label_kind(y, path: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- built-in task
-# "Are sentence A and sentence B set at the same place?" in the world of the built-in pretraining corpus
-# (bertfast.data.builtin_corpus: twelve places, each with its areas, things and verbs). Label 1 "same", 0
-# "different". Each sentence names two words of one place (a thing with an area or a verb, or an area with a verb)
-# but never the place itself, in templates, names and towns the corpus does not use:
-#   A: "Juno left a dusty lantern by the quay."   B: "Nobody had rowed a barrel like that in years."   -> same
-# Why it needs both sentences: B's place is drawn independently of the label (A's follows from B's and the label),
-# so each sentence alone, and every word of it, is as often in a "same" pair as in a "different" one; A and B
-# never share a content word (so "the same word twice" tells nothing); words of which a part belongs to two places
-# (rope, porter, chart / star chart, ...) are left out. What it needs from pretraining: the validation split uses
-# only words the training split never shows (the last two areas, things and verbs of each place). A model
-# fine-tuned from scratch has random vectors for them and is at chance there; a pretrained one can do better only
-# through what pretraining taught about these words - the corpus sets every one of them in stories of its place.
-BUILTIN_LABELS = ("different", "same")
-BUILTIN_VERSION = 2
+# "Is the sentence well formed?" (acceptability, like GLUE's CoLA), in words of the built-in pretraining corpus
+# (bertfast.data.builtin_corpus: the things, areas and verbs of its twelve places). Label 1 "acceptable": a template
+# filled with a verb where a verb belongs and nouns where nouns belong; label 0 "unacceptable": the same sentence with
+# its verb and one of its nouns swapped:
+#   "Nobody had polished the hammer like that in years."   -> acceptable
+#   "Nobody had hammer the polished like that in years."   -> unacceptable
+# Why it needs the sentence and not a word: the two versions hold the same words (a bag of words cannot tell them
+# apart) and every template, name and word is drawn independently of the label; only which word stands in which
+# place of the sentence decides. No article precedes a swapped word (a/an would give the first letter away) and
+# nouns of two words (ice axe, x-ray) are left out (two tokens in a verb's place would give the swap away), as are
+# nouns that are also past tenses (saw, shed).
+# What it needs from pretraining: the validation split uses only nouns and verbs the training split never shows (the
+# last two areas, things and verbs of each place). Fine-tuned from scratch, the model has random vectors for them and
+# is at chance there; a pretrained model can do better only through what pretraining taught about these words, which
+# the corpus uses as nouns and verbs in its stories. The templates, names and towns are not in the corpus.
+# (Version 1 asked whether sentence B fits A's person, version 2 whether A and B are set at the same place: the default
+# pretraining did not learn which words belong to which place, and both stayed at chance; see docs/finetune.md.)
+BUILTIN_LABELS = ("unacceptable", "acceptable")
+BUILTIN_VERSION = 3
 _TASK_SYL = ["ra", "vik", "sel", "da", "mon", "ju", "pe", "ter", "qui", "no", "ha", "zel", "bri", "os", "cu", "wen"]
 _TASK_TOWNS = ["Amberley", "Brackwater", "Coldharbour", "Dinsmore", "Elmstead", "Foxley", "Glenmoor", "Hartwell"]
 _TASK_ADJ = ["shiny", "dusty", "wooden", "curious", "famous", "spare", "borrowed", "lovely"]
 _TASK_CATEGORIES = ("area", "things", "verbs")  # of builtin_corpus.TOPICS (people: too few per place to split)
-_TASK_TEMPLATES = {  # the two word categories a sentence names -> templates (none is a corpus sentence)
-    ("things", "area"): ["{Name} left {an_adj_thing} by the {area}.",
-                         "There was {an_thing} behind the {area} all winter.",
-                         "Someone from {town} asked who owns the {thing} near the {area}."],
-    ("things", "verbs"): ["{Name} {verb} the {thing} twice before lunch.",
-                          "Nobody had {verb} {an_thing} like that in years.",
-                          "Yesterday the {adj} {thing} was {verb} by {Name}."],
-    ("area", "verbs"): ["Everything in the {area} had been {verb} by noon.",
-                        "{Name} {verb} what was left in the {area} for a friend from {town}."],
-}
+_TASK_NOT_NOUNS = {"saw", "shed"}  # also past tenses of verbs: in a verb's place they would read as verbs
+_TASK_TEMPLATES = [  # one {verb} and one or two nouns ({thing}, {area}) each; none is a corpus sentence
+    "{Name} {verb} the {thing} twice before lunch.",
+    "Nobody had {verb} the {thing} like that in years.",
+    "Yesterday the {adj} {thing} was {verb} by {Name}.",
+    "Everything in the {area} had been {verb} by noon.",
+    "{Name} {verb} what was left in the {area} for a friend from {town}.",
+    "Someone from {town} asked who {verb} the {thing} near the {area}.",
+    "The {thing} by the {area} was {verb} before dawn.",
+    "After the storm {Name} quietly {verb} the {adj} {thing}.",
+]
 
 
 def _task_world():
     """Per place: {category: (training words, validation words)}: the validation split takes the last two words of
     each category, the training split the others, leaving out words of which a part is used by two places (rope;
-    chart of the hospital and star chart of the observatory). Every place keeps at least two words of each category
-    in each split, so the two sentences of a same-place pair can always name different words."""
+    chart of the hospital and star chart of the observatory)."""
     from collections import Counter
 
     from bertfast.data.builtin_corpus import TOPICS
@@ -335,20 +340,15 @@ def _task_world():
     return world
 
 
-def _an(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _task_sentence(rng: random.Random, words: dict, part: int, names, avoid: set) -> tuple[str, set]:
-    """A sentence naming two words of one place (`words`: that place's categories), none of them in `avoid`, and
-    the words it names."""
-    cats = rng.choice(sorted(_TASK_TEMPLATES))
-    pick = {k: rng.choice([w for w in words[k][part] if w not in avoid]) for k in cats}
-    thing, adj = pick.get("things", ""), rng.choice(_TASK_ADJ)
-    text = rng.choice(_TASK_TEMPLATES[cats]).format(
-        Name=rng.choice(names), town=rng.choice(_TASK_TOWNS), adj=adj, thing=thing, an_thing=thing and _an(thing),
-        an_adj_thing=_an(adj) + " " + thing, area=pick.get("area"), verb=pick.get("verbs"))
-    return text, set(pick.values())
+def _task_words(part: int) -> dict[str, list[str]]:
+    """{"thing", "area", "verb": words} of split `part` (0 training, 1 validation): nouns and verbs of one word of
+    letters only (x-ray is three tokens)."""
+    world = _task_world()
+    out = {}
+    for slot, k in (("thing", "things"), ("area", "area"), ("verb", "verbs")):
+        out[slot] = sorted({w for p in world.values() for w in p[k][part]
+                            if w.isalpha() and (slot == "verb" or w not in _TASK_NOT_NOUNS)})
+    return out
 
 
 def builtin_task(n_train: int = 2000, n_validation: int = 1000, seed: int = 0) -> tuple[Examples, Examples]:
@@ -358,23 +358,20 @@ def builtin_task(n_train: int = 2000, n_validation: int = 1000, seed: int = 0) -
     while len(names) < 300:
         names.add("".join(rng.choice(_TASK_SYL) for _ in range(rng.randint(2, 3))).capitalize())
     names = sorted(names)
-    world = _task_world()
-    places = sorted(world)
     out = []
     for part, n in ((0, n_train), (1, n_validation)):
-        a_texts, b_texts, labels = [], [], []
+        words = _task_words(part)
+        texts, labels = [], []
         for _ in range(n):
-            label = rng.randrange(2)
-            place_b = rng.choice(places)  # B's place is independent of the label; A's follows from both
-            place_a = place_b if label else rng.choice([p for p in places if p != place_b])
-            a, used = _task_sentence(rng, world[place_a], part, names, set())
-            b, _ = _task_sentence(rng, world[place_b], part, names, used)
-            if rng.random() < 0.5:
-                a, b = b, a
-            a_texts.append(a)
-            b_texts.append(b)
+            template, label = rng.choice(_TASK_TEMPLATES), rng.randrange(2)
+            fill = {slot: rng.choice(pool) for slot, pool in words.items()}
+            if not label:  # swap the verb with one of the template's nouns
+                noun = rng.choice([s for s in ("thing", "area") if "{" + s + "}" in template])
+                fill[noun], fill["verb"] = fill["verb"], fill[noun]
+            texts.append(template.format(Name=rng.choice(names), town=rng.choice(_TASK_TOWNS),
+                                         adj=rng.choice(_TASK_ADJ), **fill))
             labels.append(label)
-        out.append(Examples(a_texts, b_texts, labels))
+        out.append(Examples(texts, None, labels))
     return out[0], out[1]
 
 

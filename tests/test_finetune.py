@@ -23,7 +23,7 @@ def _vocab_words():
     words = set()
     tr, va = builtin_task(200, 100)
     for ex in (tr, va):
-        for t in ex.text + ex.text_pair:
+        for t in ex.text + (ex.text_pair or []):
             words.update(re.findall(r"\w+|[^\w\s]", t.lower()))
     for a, b, _ in SENTS:
         words.update((a + " " + b).split())
@@ -250,71 +250,88 @@ def test_load_task_routes_and_refuses(tmp_path):
         load_task(None, train="x.csv")
     with pytest.raises(TaskError, match="not both"):
         load_task("builtin", train="x.csv", validation="y.csv")
-    assert load_task("builtin", builtin_train=10, builtin_validation=5).label_names == ["different", "same"]
+    assert load_task("builtin", builtin_train=10, builtin_validation=5).label_names == ["unacceptable", "acceptable"]
 
 
 # ---------------------------------------------------------------------------------------------- built-in task
-def _place_words():
-    """word -> its place, from the pretraining corpus' own tables (what pretraining can teach), one-place words."""
+def _corpus_categories():
+    """word -> "noun" / "verb", from the pretraining corpus' own tables (what pretraining can teach)."""
     from bertfast.data.builtin_corpus import TOPICS
 
-    seen = {}
-    for place, t in TOPICS.items():
-        for w in {w for k in ("area", "things", "verbs", "people") for w in t[k]}:
-            seen.setdefault(w, set()).add(place)
-    return {w: p.pop() for w, p in seen.items() if len(p) == 1}
+    cats = {}
+    for t in TOPICS.values():
+        for k, cat in (("things", "noun"), ("area", "noun"), ("verbs", "verb")):
+            for w in t[k]:
+                cats.setdefault(w, set()).add(cat)
+    return cats
 
 
-def _places_of(text, words):
-    return {p for w, p in words.items() if re.search(rf"\b{re.escape(w)}\b", text.lower())}
+def _slots(sentence):
+    """The words standing in the {thing} / {area} / {verb} places of the template `sentence` was made from."""
+    from bertfast.tasks import _TASK_TEMPLATES
+
+    for t in _TASK_TEMPLATES:
+        pattern = re.escape(t)
+        for field in ("thing", "area", "verb"):
+            pattern = pattern.replace(re.escape("{" + field + "}"), rf"(?P<{field}>[a-z]+)")
+        pattern = re.sub(r"\\\{\w+\\\}", r"[\\w ]+?", pattern)
+        m = re.fullmatch(pattern, sentence)
+        if m:
+            return m.groupdict()
+    raise AssertionError(f"no template makes {sentence!r}")
 
 
-def test_builtin_task_is_fixed_balanced_and_needs_both_sentences():
+def test_builtin_task_is_fixed_balanced_and_decided_by_word_order():
     tr, va = builtin_task(2000, 1000)
     tr2, va2 = builtin_task(2000, 1000)
-    assert (tr.text, tr.text_pair, tr.labels, va.labels) == (tr2.text, tr2.text_pair, tr2.labels, va2.labels)
+    assert (tr.text, tr.labels, va.text, va.labels) == (tr2.text, tr2.labels, va2.text, va2.labels)
+    assert tr.text_pair is None and va.text_pair is None
     assert builtin_task(50, 10, seed=1)[0].text != tr.text[:50]
     assert 0.45 < np.mean(tr.labels) < 0.55 and 0.45 < np.mean(va.labels) < 0.55
-    # the label is "same place": knowing which place each word belongs to (what the corpus teaches) solves all pairs
-    words = _place_words()
+    # the label is "a verb stands where the verb belongs": knowing which corpus words are verbs and which nouns (what
+    # the corpus teaches) decides every sentence
+    cats = _corpus_categories()
     for ex in (tr, va):
-        for a, b, y in zip(ex.text, ex.text_pair, ex.labels):
-            pa, pb = _places_of(a, words), _places_of(b, words)
-            assert len(pa) == len(pb) == 1 and (pa == pb) == bool(y), (a, b, y)
-    # no shortcut: a bag-of-words model of A and B (no interactions), of one sentence alone, or the number of words
-    # A and B share score at chance on validation (even trained on validation-like words: fitted on half of it)
-    from scipy.sparse import hstack
+        for s, y in zip(ex.text, ex.labels):
+            slots = _slots(s)
+            want = {f: ("verb" if f == "verb" else "noun") for f in slots}
+            assert all(len(cats[w]) == 1 for w in slots.values()), s  # no word is both a noun and a verb
+            assert all(want[f] in cats[w] for f, w in slots.items()) == bool(y), (s, y)
+    # no shortcut: a bag-of-words model (the two versions hold the same words), one of the sentence's length, and the
+    # template alone (every word but the swapped ones) score at chance on validation, even fitted on half of it
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    vec = CountVectorizer().fit(tr.text + tr.text_pair + va.text + va.text_pair)
+    vec = CountVectorizer().fit(tr.text + va.text)
+    skeleton = lambda e: [" ".join("_" if w in cats else w for w in re.findall(r"[\w-]+", s)) for s in e.text]
+    skel_vec = CountVectorizer(ngram_range=(1, 3)).fit(skeleton(tr) + skeleton(va))
     half = len(va) // 2
-    for fit_on, fit_y, score_on, score_y in ((tr, tr.labels, va, va.labels),
-                                             (Examples(va.text[:half], va.text_pair[:half], va.labels[:half]),
-                                              va.labels[:half],
-                                              Examples(va.text[half:], va.text_pair[half:], va.labels[half:]),
-                                              va.labels[half:])):
-        for feats in (lambda e: hstack([vec.transform(e.text), vec.transform(e.text_pair)]),
-                      lambda e: vec.transform(e.text_pair),
-                      lambda e: np.array([[len(set(a.lower().split()) & set(b.lower().split()))]
-                                          for a, b in zip(e.text, e.text_pair)])):
-            clf = LogisticRegression(max_iter=2000).fit(feats(fit_on), fit_y)
-            assert clf.score(feats(score_on), score_y) < 0.58
+    va_a, va_b = Examples(va.text[:half], None, va.labels[:half]), Examples(va.text[half:], None, va.labels[half:])
+    for fit_on, score_on in ((tr, va), (va_a, va_b)):
+        for feats in (lambda e: vec.transform(e.text), lambda e: np.array([[len(s.split())] for s in e.text]),
+                      lambda e: skel_vec.transform(skeleton(e))):
+            clf = LogisticRegression(max_iter=2000).fit(feats(fit_on), fit_on.labels)
+            assert clf.score(feats(score_on), score_on.labels) < 0.58
 
 
 def test_builtin_task_holds_out_words_and_sentences_from_pretraining():
     from bertfast.data.builtin_corpus import builtin_texts
 
     tr, va = builtin_task(2000, 1000)
-    words = _place_words()
-    train_words = {w for t in tr.text + tr.text_pair for w in words if re.search(rf"\b{re.escape(w)}\b", t.lower())}
-    val_words = {w for t in va.text + va.text_pair for w in words if re.search(rf"\b{re.escape(w)}\b", t.lower())}
+    words = lambda ex: {w for s in ex.text for w in _slots(s).values()}
+    train_words, val_words = words(tr), words(va)
     assert len(train_words) >= 100 and len(val_words) >= 60 and not (train_words & val_words)
-    corpus = set()
-    for doc in builtin_texts(200):
-        corpus.update(s.strip().rstrip(".") for s in doc.split(". "))
-    assert not any(h.rstrip(".") in corpus for h in va.text_pair[:200] + tr.text_pair[:200] + tr.text[:200])
-    assert all(w in " ".join(builtin_texts()) for w in val_words)  # ... but the corpus holds every one of the words
+    corpus_text = " ".join(builtin_texts())
+    corpus = {s.strip().rstrip(".") for doc in builtin_texts(200) for s in doc.split(". ")}
+    assert not any(s.rstrip(".") in corpus for s in tr.text[:300] + va.text[:300])
+    assert all(re.search(rf"\b{w}\b", corpus_text) for w in val_words)  # ... but the corpus holds every one of them
+    from bertfast.tasks import _TASK_SYL, _TASK_TOWNS
+
+    assert not any(t in corpus_text for t in _TASK_TOWNS)
+    names = {s.split()[0] for s in tr.text + va.text} - {"Nobody", "Yesterday", "Everything", "Someone", "The",
+                                                         "After"}
+    assert names and all(n[:2].lower() in {x[:2] for x in _TASK_SYL} for n in names)
+    assert not any(re.search(rf"\b{n}\b", corpus_text) for n in names)
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
