@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from bertfast._cli import Parser
+
 
 class FillMaskError(ValueError):
     """The text cannot be scored (no mask token, too long)."""
@@ -61,7 +63,7 @@ def filled_text(tokenizer, text: str, predictions: list[list[tuple[str, float]]]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m bertfast.fill_mask",
         description="Top-k predictions of a BERT's masked-LM head at each [MASK] of a text.")
     p.add_argument("model", help="a bertfast run folder or checkpoint, a transformers folder or a hub name")

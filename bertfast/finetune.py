@@ -20,13 +20,13 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from bertfast._cli import Parser
 from bertfast.precision import PRECISIONS, autocast as _autocast
 from bertfast.tasks import TASKS, TaskData, TaskError, compute_metrics, load_task
 
@@ -312,12 +312,11 @@ def run(cfg: FinetuneConfig, *, log=print) -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     d = FinetuneConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m bertfast.finetune",
         description="Fine-tune a pretrained BERT (bertfast run or checkpoint, transformers folder or hub name) on "
                     "a classification or regression task: the built-in one, GLUE, or your own files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # `--lr -1` is a bad value
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="a bertfast run folder or checkpoint, a transformers folder "
                    "(BertModel / BertForMaskedLM / BertForPreTraining weights) or a hub name")

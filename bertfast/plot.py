@@ -8,10 +8,11 @@ it at the end of a run).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from bertfast._cli import Parser
 
 # (panel title, y label, train key, eval key); the loss panel's eval value is eval_mlm_loss + eval_nsp_loss
 PANELS = (
@@ -125,7 +126,7 @@ def figure(run_dirs, *, title: str | None = None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bertfast.plot",
+    p = Parser(prog="python -m bertfast.plot",
                                 description="Plot the training (and evaluation) curves of bertfast pretraining runs.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl); several overlay")
     p.add_argument("--output", "-o", default=None, help="the PNG to write (default: RUN_DIR/training.png for one "

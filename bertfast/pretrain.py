@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 
+from bertfast._cli import Parser
 from bertfast.train_config import ConfigError, TrainConfig, flag_of
 from bertfast.trainer import Interrupted, TrainingError, train
 
@@ -53,17 +53,10 @@ def _add_flag(group, f: dataclasses.Field) -> None:
     group.add_argument(flag, **kw)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump: the message names the flag and what to do
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Pretrain BERT (masked LM + next sentence prediction) with bertfast's "
+    p = Parser(prog=PROG, description="Pretrain BERT (masked LM + next sentence prediction) with bertfast's "
                 "kernels. With no arguments: a small model on the built-in corpus, offline, in a few minutes on a "
                 "CPU. Every flag is a field of bertfast.trainer.TrainConfig.")
-    # read `--lr -1e-4` as a (bad) value, not as an unknown option, so the error names the real problem
-    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     groups = {g: p.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         _add_flag(groups[f.metadata["group"]], f)

@@ -68,7 +68,9 @@ def _error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage:" not in err and err.count("\n") == 1, err  # one line naming the problem, no usage dump
+    return err
 
 
 def test_errors(mlm_folder, tmp_path, capsys):

@@ -405,7 +405,9 @@ def _cli_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         finetune.main(argv)
     assert e.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage:" not in err and err.count("\n") == 1, err  # one line naming the problem, no usage dump
+    return err
 
 
 def test_cli_bad_input_exits_2_before_any_work(tiny_model, tmp_path, capsys):

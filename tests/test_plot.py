@@ -71,7 +71,8 @@ def test_missing_eval_and_bad_folders(tmp_path, capsys):
                       ([str(tmp_path)], "no metrics.jsonl")):
         with pytest.raises(SystemExit) as e:
             main(argv)
-        assert e.value.code == 2 and msg in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "usage:" not in err and err.count("\n") == 1, err
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds no step records"):
