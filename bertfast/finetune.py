@@ -1,7 +1,7 @@
 """`python -m bertfast.finetune`: fine-tune a pretrained BERT on a classification or regression task.
 
-    python -m bertfast.finetune --model runs/bertfast --task builtin
-    python -m bertfast.finetune --model runs/bertfast --task builtin --from-scratch     # the baseline
+    python -m bertfast.finetune --model runs/bertfast --task builtin --lr 5e-4 --epochs 10   # tiny model: more lr
+    python -m bertfast.finetune --model runs/bertfast --task builtin --lr 5e-4 --epochs 10 --from-scratch  # baseline
     python -m bertfast.finetune --model bert-base-uncased --task glue/mrpc --lr 2e-5 --epochs 3
     python -m bertfast.finetune --model runs/bertfast --train train.csv --validation dev.csv \
         --text-column review --label-column stars

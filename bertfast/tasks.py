@@ -1,4 +1,4 @@
-"""Downstream tasks for `python -m bertfast.finetune`: GLUE, local files and the built-in story task; their metrics.
+"""Downstream tasks for `python -m bertfast.finetune`: GLUE, local files, the built-in acceptability task; metrics.
 
 A task becomes a `TaskData`: train and validation `Examples` (first text, optional second text, label), the
 kind (classification with `label_names`, or regression) and the metrics reported. Everything here reads or
