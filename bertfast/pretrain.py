@@ -95,6 +95,14 @@ def _error(e: BaseException, code: int) -> int:
     return code
 
 
+def _given_flags(argv) -> set[str]:
+    """The TrainConfig fields the command line sets (parsed again with no defaults: only given flags remain)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.flag_table:
@@ -102,11 +110,12 @@ def main(argv=None) -> int:
         return 0
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = _given_flags(argv) & names  # on --resume, the fields not given keep the run's saved values
     from bertfast.checkpoint import CheckpointError, CheckpointSaveError
     from bertfast.data import DataError
 
     try:
-        train(cfg)
+        train(cfg, given=given)
     except ConfigError as e:  # exit 2: a user error, reported before any work
         return _error(e, 2)
     except (CheckpointError, DataError) as e:  # bad data, a checkpoint of another model: exit 2 as well

@@ -2,6 +2,9 @@
 of a resume. `plan_run(cfg)` returns a RunPlan the trainer follows (it never looks the checkpoint up again).
 
 Resume policy, per TrainConfig field, comparing with the train_config saved in the checkpoint:
+  kept from the checkpoint: with `given` (the fields the command line set), every other field takes the
+      checkpoint's value, so `--resume --output-dir DIR` alone continues the run as it was started; without it
+      (the Python API) every field is as the TrainConfig says.
   refused (ConfigError before any data loads): what the data stream, the model or the tokenizer depend on:
       RESUME_MUST_MATCH below; the tokenizer itself is compared by fingerprint, not by name.
   applied from the resumed step, and said at start: every other field (lr, weight decay, warmup, epochs /
@@ -55,11 +58,13 @@ class RunPlan:
         return int(self.saved_state["step"]) >= self.total_steps(bpe or 0)
 
 
-def plan_run(cfg: TrainConfig) -> RunPlan:
+def plan_run(cfg: TrainConfig, given=None) -> RunPlan:
+    """`given`: the names of the fields set explicitly (by the CLI's flags); on a resume the others take the
+    checkpoint's values. None: every field as `cfg` says."""
     check_settings(cfg)
-    _check_data(cfg)
     plan = RunPlan(cfg)
     if not cfg.resume:
+        _check_data(cfg)
         found = ckpt.find_latest_checkpoint(cfg.output_dir)  # None without checkpoints; step -1: all corrupt
         if found is not None and found.step >= 0:
             raise ConfigError("--output-dir", f"{cfg.output_dir!r} already holds a run (its latest checkpoint is at "
@@ -78,11 +83,33 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     plan.notes += [f"warning: {m}; using the previous good checkpoint {os.path.basename(found.path)}"
                    for m in found.skipped]
     plan.saved_state = _load_state(found.path)
+    if given is not None:
+        plan.cfg = _keep_saved_settings(plan, set(given))
     plan.cfg = cfg = _positions_of_older_runs(plan)
+    _check_data(cfg)
     _check_model_matches(cfg, found.path)
     _check_resume_settings(plan)
     plan.tokenizer = _resume_tokenizer(plan)
     return plan
+
+
+def _keep_saved_settings(plan: RunPlan, given: set) -> TrainConfig:
+    """The checkpoint's value for every field the command line did not set (its flags' defaults are not a request
+    to change the run); checked again, since the saved values come from a file."""
+    saved = plan.saved_state.get("train_config", {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    keep = {k: v for k, v in saved.items() if k in names and k not in given and k not in RESUME_IGNORED}
+    cfg = dataclasses.replace(plan.cfg, **keep)
+    differ = [f"{flag_of(k)} {v!r}" for k, v in sorted(keep.items()) if _differs(v, getattr(plan.cfg, k))]
+    if differ:
+        plan.notes.append(f"note: kept from checkpoint {os.path.basename(plan.resume_from.path)} (not given on the "
+                          f"command line): {', '.join(differ)}")
+    try:
+        check_settings(cfg)
+    except ConfigError as e:
+        raise ConfigError(e.flag, f"{e.message} (a setting kept from checkpoint "
+                          f"{os.path.basename(plan.resume_from.path)}; give it on the command line)") from None
+    return cfg
 
 
 def _positions_of_older_runs(plan: RunPlan) -> TrainConfig:

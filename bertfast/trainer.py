@@ -61,10 +61,11 @@ class Interrupted(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def validate_config(cfg: TrainConfig) -> RunPlan:
+def validate_config(cfg: TrainConfig, given=None) -> RunPlan:
     """Raise ConfigError for a setting that cannot work, before any data is loaded or anything written; return
-    the plan train() follows (for a resume: the checkpoint found, its state, the checked tokenizer)."""
-    return plan_run(cfg)
+    the plan train() follows (for a resume: the checkpoint found, its state, the checked tokenizer, and the
+    settings: with `given`, see train())."""
+    return plan_run(cfg, given)
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
@@ -204,7 +205,7 @@ class _Run:
         return autocast(self.device.type, PRECISIONS[self.cfg.precision])
 
 
-def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
+def train(cfg: TrainConfig, *, log=print, loss_hook=None, given=None) -> dict:
     """Pretrain as `cfg` says; returns a summary {"step", "loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc",
     "checkpoint", "output_dir", "epochs": [per-epoch summaries]}.
 
@@ -215,12 +216,15 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None) -> dict:
     writes its checkpoint and raises Interrupted; a second one raises KeyboardInterrupt at once.
 
     loss_hook(step, mlm_loss) -> mlm_loss: a test hook applied to each micro-batch's MLM loss before it is
-    logged and back-propagated (e.g. to inject a non-finite value). Raises ConfigError for bad settings (before
+    logged and back-propagated (e.g. to inject a non-finite value). given: the names of the fields the caller set
+    on purpose (the CLI passes the flags on its command line): on a resume every other field keeps the value saved
+    in the checkpoint; None (the default) takes every field from cfg. Raises ConfigError for bad settings (before
     any work), TrainingError when the run must stop, checkpoint.CheckpointError for a checkpoint that does not
     fit."""
-    plan = validate_config(cfg)
+    plan = validate_config(cfg, given)
     if plan.nothing_left:
         return _nothing_left(plan, log)
+    cfg = plan.cfg
     dev_type = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
         else "cpu"
     dist_ = _setup_distributed(dev_type)

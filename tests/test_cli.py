@@ -187,7 +187,9 @@ def test_cli_signal_checkpoints_the_step_then_resume_equals_uninterrupted(full_r
     """Ctrl-C or a scheduler's SIGTERM mid-run: the step in flight finishes, its checkpoint is written (with
     --checkpoint-every 1000 no other one exists before the end), the exit code is 128 + signal, and --resume from
     that checkpoint gives the uninterrupted run's metrics and final weights exactly. With loader workers the
-    signal goes to the whole process group, as a terminal's Ctrl-C does: the workers must not die of it."""
+    signal goes to the whole process group, as a terminal's Ctrl-C does: the workers must not die of it. After the
+    plain Ctrl-C the resume is what the message says, `--resume` and the folder alone: every other setting (the
+    corpus size, vocabulary, batch size, steps, cadences of this test's run) is kept from the checkpoint."""
     out = tmp_path / "stopped"
     args = _cli(out, *STEPS, "--checkpoint-every", "1000", "--tokenizer", str(full_run / "tokenizer"),
                 "--num-workers", str(workers))
@@ -210,7 +212,13 @@ def test_cli_signal_checkpoints_the_step_then_resume_equals_uninterrupted(full_r
     assert "--resume" in stderr
     logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if line.strip()]
     assert logged[-1] <= steps[0]
-    _resume(out, full_run, "--checkpoint-every", "1000")
+    if sig == signal.SIGINT and not workers:
+        p = subprocess.run([sys.executable, "-m", "bertfast.pretrain", "--output-dir", str(out), "--resume"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-3000:]
+        assert "kept from checkpoint" in p.stdout and "--max-steps 80" in p.stdout and "changed since" not in p.stdout
+    else:
+        _resume(out, full_run, "--checkpoint-every", "1000")
     _assert_same_as_full(out, full_run)
 
 

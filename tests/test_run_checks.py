@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 
@@ -129,6 +130,43 @@ def test_resume_with_another_data_setting_is_refused_before_data_loads(done_run,
         train(tiny_cfg(work, resume=True, max_steps=6, **change), log=lambda *_: None)
     assert e.value.flag == "--resume" and flag in str(e.value) and "checkpoint" in str(e.value), str(e.value)
     assert tree_digest(work) == before  # nothing in the run folder changed (its tokenizer included)
+
+
+def test_resume_keeps_the_checkpoints_settings_for_what_the_command_line_did_not_give(done_run, tmp_path, no_data):
+    """The CLI passes the flags it was given (`given`): on --resume every other field takes the checkpoint's value
+    (a flag's default is not a request to change the run), a given one is compared as before."""
+    work = copy_run(done_run, tmp_path)
+    bare = TrainConfig(output_dir=str(work), resume=True, progress=False)  # the CLI's defaults: another run entirely
+    with pytest.raises(ConfigError, match="--batch-size 32 \\(checkpoint: 8\\)"):
+        validate_config(bare)  # the Python API: every field as the TrainConfig says
+    plan = validate_config(bare, given={"output_dir", "resume", "progress"})
+    saved = tiny_cfg(work)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("output_dir", "resume", "progress", "tokenizer", "init_from"):
+            assert getattr(plan.cfg, f.name) == getattr(saved, f.name), f.name
+    kept = [n for n in plan.notes if n.startswith("note: kept from checkpoint")]
+    assert kept and "--batch-size 8" in kept[0] and "--lr 0.002" in kept[0] and "--seed" not in kept[0], plan.notes
+    # given flags: applied or refused as ever
+    plan = validate_config(dataclasses.replace(bare, max_steps=6, lr=1e-3), given={"output_dir", "resume",
+                                                                                      "max_steps", "lr"})
+    assert (plan.cfg.max_steps, plan.cfg.lr, plan.cfg.batch_size) == (6, 1e-3, 8)
+    assert any("--lr 0.002 -> 0.001" in n for n in plan.notes), plan.notes
+    with pytest.raises(ConfigError, match="--batch-size 32"):
+        validate_config(dataclasses.replace(bare, max_steps=6), given={"output_dir", "resume", "batch_size"})
+    # a kept value that no longer fits this machine is named, with what to do
+    state_path = os.path.join(ckpt.find_latest_checkpoint(str(work)).path, "state.pt")
+    state = torch.load(state_path, weights_only=False)
+    state["train_config"]["device"] = "cuda:7"
+    torch.save(state, state_path)
+    manifest_path = os.path.join(os.path.dirname(state_path), "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["files"]["state.pt"] = {"size": os.path.getsize(state_path),
+                                     "sha256": hashlib.sha256(open(state_path, "rb").read()).hexdigest()}
+    json.dump(manifest, open(manifest_path, "w"))
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(ConfigError) as e:
+            validate_config(bare, given={"output_dir", "resume"})
+        assert e.value.flag == "--device" and "kept from checkpoint" in str(e.value), str(e.value)
 
 
 def test_resume_of_a_finished_run_says_so_before_data_loads(done_run, tmp_path, no_data):
