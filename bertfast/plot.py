@@ -127,7 +127,7 @@ def figure(run_dirs, *, title: str | None = None):
 
 def main(argv=None) -> int:
     p = Parser(prog="python -m bertfast.plot",
-                                description="Plot the training (and evaluation) curves of bertfast pretraining runs.")
+               description="Plot the training (and evaluation) curves of bertfast pretraining runs.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl); several overlay")
     p.add_argument("--output", "-o", default=None, help="the PNG to write (default: RUN_DIR/training.png for one "
                    "run, training_curves.png here for several)")
