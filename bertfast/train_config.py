@@ -32,6 +32,13 @@ def _opt(default, help: str, group: str, **meta):
     return field(default=default, metadata=meta)
 
 
+# --lr and --warmup-steps when not given, by preset: the tiny preset of the default run learns much faster with 2e-3
+# over 100 warmup steps (held-out MLM accuracy after its 810 steps 53% vs 27% with 1e-3 over 30, two seeds; see
+# docs/cli.md); the other presets keep 1e-3 over 30 steps
+PRESET_LR_WARMUP = {"tiny": (2e-3, 100)}
+DEFAULT_LR_WARMUP = (1e-3, 30)
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; each field is one CLI flag (`grad_accum` <-> `--grad-accum`)."""
@@ -86,10 +93,11 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step", "optimisation")
     optimizer: str = _opt("adamw", "adamw (fused), or lamb (LAMB as NVIDIA's BERT: trust ratio on matrices only)",
                           "optimisation", choices=["adamw", "lamb"])
-    lr: float = _opt(1e-3, "peak learning rate", "optimisation")
+    lr: float | None = _opt(None, "peak learning rate", "optimisation", shown="2e-3 with tiny, else 1e-3")
     weight_decay: float = _opt(0.01, "decoupled weight decay on matrices (not on biases nor any LayerNorm weight)",
                                "optimisation")
-    warmup_steps: int = _opt(30, "linear warmup from 0, then linear decay to 0 at the last step", "optimisation")
+    warmup_steps: int | None = _opt(None, "linear warmup from 0, then linear decay to 0 at the last step",
+                                    "optimisation", shown="100 with tiny, else 30")
     clip_grad: float = _opt(1.0, "max global gradient norm (0: no clipping)", "optimisation")
     precision: str = _opt("fp32", "fp32, or torch.autocast to bf16 / fp16 on the device (fp16 adds a "
                           "GradScaler)", "optimisation", choices=list(PRECISIONS))
@@ -115,6 +123,15 @@ class TrainConfig:
                                  shown="none")
     progress: bool = _opt(True, "--no-progress hides the tqdm progress bar and the `datasets` preparation bars",
                           "run")
+
+    def __post_init__(self):
+        """--lr / --warmup-steps not given (None): the preset's (PRESET_LR_WARMUP), recorded as numbers."""
+        lr, warmup = PRESET_LR_WARMUP.get(self.preset, DEFAULT_LR_WARMUP) if isinstance(self.preset, str) \
+            else DEFAULT_LR_WARMUP
+        if self.lr is None:
+            self.lr = lr
+        if self.warmup_steps is None:
+            self.warmup_steps = warmup
 
 
 class ConfigError(ValueError):

@@ -37,6 +37,20 @@ def test_cli_defaults_and_flags():
                               num_workers=1, clip_grad=0.5, max_bad_steps=2, device="cpu", dropout=0.0)
 
 
+def test_lr_and_warmup_defaults_follow_the_preset_unless_given():
+    # the tiny preset (the default run) learns faster at 2e-3 over 100 steps; the others keep 1e-3 over 30
+    assert (TrainConfig().lr, TrainConfig().warmup_steps) == (2e-3, 100)
+    mini = config_from_args(["--preset", "mini"])
+    assert (mini.lr, mini.warmup_steps) == (1e-3, 30)
+    given = config_from_args(["--lr", "5e-4", "--warmup-steps", "7"])
+    assert (given.lr, given.warmup_steps) == (5e-4, 7)
+    assert TrainConfig(preset="nonsense").lr == 1e-3  # resolved before the preset is checked: no KeyError here
+    with pytest.raises(ValueError, match="--preset"):
+        from bertfast.train_config import check_settings
+
+        check_settings(TrainConfig(preset="nonsense", output_dir="/tmp/never-written"))
+
+
 def _exit_code(argv) -> int:
     try:
         return main(argv)
