@@ -33,7 +33,7 @@ def _opt(default, help: str, group: str, **meta):
 
 
 # --lr and --warmup-steps when not given, by preset: the tiny preset of the default run learns much faster with 2e-3
-# over 100 warmup steps (held-out MLM accuracy after its 810 steps 53% vs 27% with 1e-3 over 30, two seeds; see
+# over 100 warmup steps (held-out MLM accuracy after its 810 steps 51-57% vs 27% with 1e-3 over 30; see
 # docs/cli.md); the other presets keep 1e-3 over 30 steps
 PRESET_LR_WARMUP = {"tiny": (2e-3, 100)}
 DEFAULT_LR_WARMUP = (1e-3, 30)
