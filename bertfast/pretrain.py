@@ -78,10 +78,20 @@ def flag_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _parse(argv) -> tuple[TrainConfig, set[str], bool]:
+    """The command line as (TrainConfig, the names of the fields it sets, --flag-table). Parsed without defaults,
+    so only the flags given are there; TrainConfig's own defaults (which the parser's are generated from) fill in
+    the rest. On --resume the fields not given keep the run's saved values (train's `given`)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args = vars(p.parse_args(argv))
+    show_table = args.pop("flag_table", False)
+    return TrainConfig(**args), set(args), show_table
+
+
 def config_from_args(argv=None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return _parse(argv)[0]
 
 
 def _error(e: BaseException, code: int) -> int:
@@ -95,22 +105,11 @@ def _error(e: BaseException, code: int) -> int:
     return code
 
 
-def _given_flags(argv) -> set[str]:
-    """The TrainConfig fields the command line sets (parsed again with no defaults: only given flags remain)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.flag_table:
+    cfg, given, show_table = _parse(argv)
+    if show_table:
         print(flag_table(), end="")
         return 0
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    given = _given_flags(argv) & names  # on --resume, the fields not given keep the run's saved values
     from bertfast.checkpoint import CheckpointError, CheckpointSaveError
     from bertfast.data import DataError
 
