@@ -14,7 +14,13 @@ import torch
 from bertfast.kernels._launch import triton_unavailable_reason
 
 __all__ = ["assert_close", "requires_triton", "triton_runnable", "triton_device", "nan_like", "nan_filled_empty",
-           "LaunchRecorder"]
+           "LaunchRecorder", "assert_one_line_error"]
+
+
+def assert_one_line_error(err: str) -> None:
+    """What every command-line tool's refusal must look like (bertfast._cli.Parser): one line naming the problem,
+    no usage dump before it."""
+    assert "usage:" not in err and err.count("\n") == 1, err
 
 
 def triton_runnable() -> bool:

@@ -16,6 +16,8 @@ from bertfast import checkpoint as ckpt
 from bertfast.pretrain import config_from_args, main
 from bertfast.trainer import TrainConfig
 
+from _utils import assert_one_line_error
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--preset", "tiny", "--max-len", "64", "--builtin-docs", "120", "--batch-size", "8", "--threads", "1",
          "--no-progress", "--warmup-steps", "3", "--lr", "2e-3", "--device", "cpu"]
@@ -62,7 +64,7 @@ def _bad(argv, capsys, tmp_path):
     """Run main(argv); it must exit 2 before writing anything, with one line and no usage dump."""
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err
-    assert "usage:" not in err and err.count("\n") == 1, err
+    assert_one_line_error(err)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
     return err
 

@@ -8,6 +8,8 @@ import torch
 
 from bertfast.fill_mask import FillMaskError, fill_mask, main
 
+from _utils import assert_one_line_error
+
 WORDS = "the a cat dog sat on mat ran to house big small paris london is capital of france".split()
 
 
@@ -69,7 +71,7 @@ def _error(argv, capsys) -> str:
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "usage:" not in err and err.count("\n") == 1, err  # one line naming the problem, no usage dump
+    assert_one_line_error(err)
     return err
 
 

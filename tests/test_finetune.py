@@ -13,6 +13,8 @@ import torch
 from bertfast import finetune
 from bertfast.tasks import GLUE, Examples, TaskError, builtin_task, compute_metrics, load_files, load_glue, load_task
 
+from _utils import assert_one_line_error
+
 # ---------------------------------------------------------------------------------------------- helpers
 SENTS = [("the cat sat on the mat", "a cat was on a mat", 1), ("he ran to the big house", "she ate a red apple", 0),
          ("they saw the river bank", "the river bank was seen", 1), ("it is small and blue", "it was huge", 0),
@@ -406,7 +408,7 @@ def _cli_error(argv, capsys) -> str:
         finetune.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "usage:" not in err and err.count("\n") == 1, err  # one line naming the problem, no usage dump
+    assert_one_line_error(err)
     return err
 
 
