@@ -1,4 +1,4 @@
-"""Build bertfast._C from csrc/ and install kernels/ as bertfast.kernels.
+"""Build bertfast._C from csrc/ and install kernels/ as bertfast.kernels (see the note at setup() below).
 
 When the CUDA kernels are compiled (measured on 2 cores: the C++ CPU kernels ~110 s of CPU time, the CUDA kernels
 ~60 s more, for two architectures):
@@ -255,6 +255,11 @@ def _write_build_info(torch, with_cuda, cuda_home, std):
 if __name__ == "__main__":  # pip (setuptools.build_meta) and `python setup.py` run it so; tests import it
     ext_modules, cmdclass = extensions()
 
+    # kernels/ is bertfast.kernels: a wheel copies it there (package_dir), and in a source tree the relative link
+    # bertfast/kernels -> ../kernels makes it so for editable installs and for code run from the clone. kernels/
+    # has no __init__.py on purpose: the repository root is on sys.path when Python runs from there, and a regular
+    # package kernels/ would shadow Hugging Face's `kernels` distribution (which transformers imports); a folder
+    # without __init__.py is only a namespace portion, which every installed package of that name outranks.
     setup(
         packages=find_packages(include=["bertfast", "bertfast.*"]) + ["bertfast.kernels"],
         package_dir={"bertfast.kernels": "kernels"},

@@ -55,3 +55,73 @@ def test_another_copy_warns(tmp_path):
     out = _run(tmp_path)
     assert out.returncode == 0, out.stderr
     assert "loaded the installed bertfast" in out.stderr and str(tmp_path / "bertfast") in out.stderr
+
+
+# ---- the repository root must not shadow installed distributions
+# `python -m pytest`, `python -m bertfast.pretrain` and a notebook started in the clone put the repository root first
+# on sys.path. A folder there with an __init__.py is a regular package and wins over any installed distribution of
+# the same name: transformers 5.25 imports Hugging Face's `kernels`, and the clone's kernels/ (bertfast.kernels) used
+# to answer instead ("cannot import name 'CUDAProperties' from 'kernels'"). A folder without __init__.py is only a
+# namespace portion, which an installed package of that name outranks.
+
+def _root_folders():
+    """Every folder at the root whose name Python could import (bertfast/ itself is the package)."""
+    return sorted(d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d)) and d.isidentifier()
+                  and d != "bertfast")
+
+
+def test_no_root_folder_is_a_package():
+    assert "kernels" in _root_folders()  # the layout keeps its top-level kernels/ (installed as bertfast.kernels)
+    packages = [d for d in _root_folders() if os.path.exists(os.path.join(ROOT, d, "__init__.py"))]
+    assert packages == [], f"{packages} would shadow installed distributions of that name from the repository root"
+
+
+def test_installed_distributions_win_from_the_root(tmp_path):
+    """A stand-in distribution for every root folder's name (`kernels` shaped like Hugging Face's), put on the path
+    the way site-packages is (after the current folder): imported from the root, each must be the stand-in."""
+    names = _root_folders()
+    site_dir = tmp_path / "site-packages"
+    for name in names:
+        (site_dir / name).mkdir(parents=True)
+        (site_dir / name / "__init__.py").write_text("STANDIN = True\nclass CUDAProperties:\n    pass\n")
+        dist = site_dir / f"{name}-1.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    code = ("import importlib, site, sys\n"
+            f"site.addsitedir({str(site_dir)!r})\n"
+            "assert sys.path[0] in ('', '.') or sys.path[0] == __import__('os').getcwd(), sys.path[:2]\n"
+            "from kernels import CUDAProperties\n"
+            f"for name in {names!r}:\n"
+            "    m = importlib.import_module(name)\n"
+            "    print(name, getattr(m, 'STANDIN', False), m.__file__)\n")
+    out = _run(ROOT, "-S", code=code)  # -S: the stand-ins are the only installed packages
+    assert out.returncode == 0, out.stderr
+    found = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()}
+    assert found == {name: "True" for name in names}, out.stdout
+
+
+def test_bertfast_kernels_is_the_clones_kernels_folder():
+    """bertfast.kernels still loads this clone's top-level kernels/ (from the root and from elsewhere)."""
+    code = "import bertfast.kernels.attention as a, os; print(os.path.realpath(a.__file__))"
+    want = os.path.realpath(os.path.join(ROOT, "kernels", "attention.py"))
+    assert _run(ROOT, code=code).stdout.strip() == want
+    if _installed_here():
+        assert _run("/", code=code).stdout.strip() == want
+
+
+def test_transformers_builds_bert_from_the_root():
+    """The user-visible failure: with Hugging Face's `kernels` installed (transformers >= 5.25 needs it), transformers
+    builds and runs BERT from the repository root."""
+    pytest.importorskip("transformers")
+    code = ("import os, torch, transformers\n"
+            "cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,"
+            " intermediate_size=32)\n"
+            "out = transformers.BertForPreTraining(cfg)(torch.tensor([[1, 2, 3]]))\n"
+            "print(tuple(out.prediction_logits.shape))\n"
+            "try:\n    import kernels\nexcept ImportError:\n    print('no kernels distribution')\n"
+            "else:\n    print(os.path.realpath(kernels.__file__))\n")
+    out = _run(ROOT, code=code)
+    assert out.returncode == 0, out.stderr
+    shape, where = out.stdout.splitlines()
+    assert shape == "(1, 3, 50)"
+    assert not where.startswith(os.path.realpath(ROOT) + os.sep), where
