@@ -1,5 +1,5 @@
 """The default run (`python -m bertfast.pretrain`: tiny preset, built-in corpus, batch 32, max_len 128) for a few
-steps, in-process through bertfast.trainer.train with the CLI's defaults: the throughput a newcomer sees.
+steps, in-process through bertfast.train.trainer.train with the CLI's defaults: the throughput a newcomer sees.
 
 Providers: `bertfast-auto` (the default, --impl auto) and `torch` (--impl torch: the eager reference ops, the
 `vs eager` baseline). Each row:
@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from bertfast.trainer import TrainConfig, train  # the README's entry point
+from bertfast.train.trainer import TrainConfig, train  # the README's entry point
 
 STEPS = int(os.environ.get("BERTFAST_BENCH_DEFAULT_STEPS", "40"))
 WARMUP_STEPS = 5  # first steps: allocator and thread-pool warm-up

@@ -8,7 +8,7 @@ torch's foreach AdamW.
                                                               writes nothing
 
 Providers: "torch" (torch.optim.AdamW(fused=True), the baseline), "adamw-foreach" (torch.optim.AdamW(foreach=True))
-and "lamb" (bertfast.optim.Lamb, with global gradient pre-normalisation as NVIDIA's recipe). Parameters and
+and "lamb" (bertfast.train.optim.Lamb, with global gradient pre-normalisation as NVIDIA's recipe). Parameters and
 gradients float32 on the device (a GPU when there is one).
 
 Bytes: an Adam-type step must read p, g, m, v and write p, m, v: 7 x 4 bytes per parameter, the figure used for
@@ -53,7 +53,7 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(provider: str, params):
-    """The trainer's groups (bertfast.trainer.param_groups): decay on >= 2-d tensors, none on the 1-d ones."""
+    """The trainer's groups (bertfast.train.trainer.param_groups): decay on >= 2-d tensors, none on the 1-d ones."""
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     if provider == "torch":
@@ -61,7 +61,7 @@ def make_optimizer(provider: str, params):
     if provider == "adamw-foreach":
         return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-6, foreach=True)
     if provider == "lamb":
-        from bertfast.optim import Lamb
+        from bertfast.train.optim import Lamb
 
         return Lamb(groups, lr=LR, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=1.0)
     raise ValueError(f"unknown provider {provider!r}")

@@ -6,7 +6,7 @@ Providers, all from the same weights (`from_hf`) on the same batches:
   hf-sdpa          transformers' BertForPreTraining, attn_implementation="sdpa"
   *-compile        the same under torch.compile (GPU only by default; BERTFAST_BENCH_COMPILE=1 adds them on CPU)
 Batches: lengths uniform in [S/2, S], 15% of real non-special positions masked. tokens/s counts real tokens;
-TFLOP/s uses bertfast.flops.training_flops (real tokens, predicted MLM rows), MFU divides by the card's peak.
+TFLOP/s uses bertfast.train.flops.training_flops (real tokens, predicted MLM rows), MFU divides by the card's peak.
 
 Targets (issue 8): CPU fp32 2 threads, mini, batch 16, seq 128: bertfast-auto >= 2.5x hf-sdpa; base, batch 8:
 >= 1.4x. H100 bf16 BERT-base seq 128 batch 256: >= 1.5x hf-sdpa, >= 1.15x hf-sdpa-compile, MFU >= 45%.
@@ -18,8 +18,8 @@ import torch
 from _harness import bench_device, measure, peak_memory
 
 from bertfast import BertConfig, BertForPreTraining
-from bertfast.flops import peak_flops, training_flops
-from bertfast.hf import to_hf_config
+from bertfast.train.flops import peak_flops, training_flops
+from bertfast.model.hf import to_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,7 +4,7 @@ With no arguments: the `tiny` preset (2 layers x 128) for 6 epochs on the built-
 if there is one, a few minutes on a 2-core CPU. Under `torchrun --nproc_per_node=N -m bertfast.pretrain ...` it
 trains data-parallel. See docs/cli.md for every flag, the files a run writes, resume, and the MFU formula.
 
-The flags are generated from TrainConfig's fields (bertfast/train_config.py): name, type, default and help text
+The flags are generated from TrainConfig's fields (bertfast/train/config.py): name, type, default and help text
 live there only. `--flag-table` prints the markdown table docs/cli.md holds.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 import sys
 
 from bertfast._cli import Parser
-from bertfast.train_config import ConfigError, TrainConfig, flag_of
-from bertfast.trainer import Interrupted, TrainingError, train
+from bertfast.train.config import ConfigError, TrainConfig, flag_of
+from bertfast.train.trainer import Interrupted, TrainingError, train
 
 PROG = "python -m bertfast.pretrain"
 GROUPS = ("model", "data", "optimisation", "run")
@@ -56,7 +56,7 @@ def _add_flag(group, f: dataclasses.Field) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description="Pretrain BERT (masked LM + next sentence prediction) with bertfast's "
                 "kernels. With no arguments: a small model on the built-in corpus, offline, in a few minutes on a "
-                "CPU. Every flag is a field of bertfast.trainer.TrainConfig.")
+                "CPU. Every flag is a field of bertfast.train.trainer.TrainConfig.")
     groups = {g: p.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         _add_flag(groups[f.metadata["group"]], f)
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     if show_table:
         print(flag_table(), end="")
         return 0
-    from bertfast.checkpoint import CheckpointError, CheckpointSaveError
+    from bertfast.train.checkpoint import CheckpointError, CheckpointSaveError
     from bertfast.data import DataError
 
     try:

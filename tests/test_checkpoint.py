@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from bertfast import checkpoint as ckpt
+from bertfast.train import checkpoint as ckpt
 
 
 @pytest.fixture(autouse=True)

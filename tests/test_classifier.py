@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bertfast import BertConfig, BertForPreTraining, BertForSequenceClassification
-from bertfast.hf import convert_to_hf, export_hf, to_hf_config
+from bertfast.model.hf import convert_to_hf, export_hf, to_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from bertfast import checkpoint as ckpt
+from bertfast.train import checkpoint as ckpt
 from bertfast.pretrain import config_from_args, main
-from bertfast.trainer import TrainConfig
+from bertfast.train.trainer import TrainConfig
 
 from _utils import assert_one_line_error
 
@@ -48,7 +48,7 @@ def test_lr_and_warmup_defaults_follow_the_preset_unless_given():
     assert (given.lr, given.warmup_steps) == (5e-4, 7)
     assert TrainConfig(preset="nonsense").lr == 1e-3  # resolved before the preset is checked: no KeyError here
     with pytest.raises(ValueError, match="--preset"):
-        from bertfast.train_config import check_settings
+        from bertfast.train.config import check_settings
 
         check_settings(TrainConfig(preset="nonsense", output_dir="/tmp/never-written"))
 
@@ -244,7 +244,7 @@ def test_cli_flags_help_and_docs_agree_with_trainconfig():
     import dataclasses
 
     from bertfast.pretrain import build_parser, flag_table
-    from bertfast.train_config import flag_of
+    from bertfast.train.config import flag_of
 
     parser = build_parser()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -1,4 +1,4 @@
-"""Held-out evaluation (issue 16 section 1, bertfast/evaluate.py): the token-weighted numbers equal a float64
+"""Held-out evaluation (issue 16 section 1, bertfast/train/evaluate.py): the token-weighted numbers equal a float64
 reference over the whole set, the same at every call, no RNG stream shifted, modes restored, and 2 gloo ranks
 (each a slice, reduced) give what 1 process gives over the same set."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bertfast import BertConfig, BertForPreTraining  # noqa: E402
 from bertfast.data import load_data  # noqa: E402
 from bertfast.data.batch import Batch  # noqa: E402
 from bertfast.data.loader import EvalLoader  # noqa: E402
-from bertfast.evaluate import EVAL_KEYS, eval_postfix, evaluate, format_eval  # noqa: E402
+from bertfast.train.evaluate import EVAL_KEYS, eval_postfix, evaluate, format_eval  # noqa: E402
 
 
 @pytest.fixture(scope="module")

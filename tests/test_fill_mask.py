@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bertfast.fill_mask import FillMaskError, fill_mask, main
+from bertfast.downstream.fill_mask import FillMaskError, fill_mask, main
 
 from _utils import assert_one_line_error
 
@@ -34,7 +34,7 @@ def mlm_folder(tmp_path_factory):
 
 
 def test_probabilities_equal_transformers(mlm_folder):
-    from bertfast.pretrained import load_pretrained
+    from bertfast.train.pretrained import load_pretrained
 
     folder, hf, tok = mlm_folder
     model, tok2 = load_pretrained(folder)
@@ -90,7 +90,7 @@ def test_errors(mlm_folder, tmp_path, capsys):
 
 
 def test_no_mask_token_in_tokenizer_is_refused(mlm_folder):
-    from bertfast.pretrained import load_pretrained
+    from bertfast.train.pretrained import load_pretrained
 
     folder, _, _ = mlm_folder
     model, tok = load_pretrained(folder)

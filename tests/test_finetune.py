@@ -1,4 +1,4 @@
-"""bertfast.tasks and `python -m bertfast.finetune`: metrics against scikit-learn / scipy, GLUE through local parquet
+"""bertfast.downstream.tasks and `python -m bertfast.finetune`: metrics against scikit-learn / scipy, GLUE through local parquet
 shaped like the hub's, local files in every format, bad input, the built-in task, and whole runs (tiny model)."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bertfast import finetune
-from bertfast.tasks import GLUE, Examples, TaskError, builtin_task, compute_metrics, load_files, load_glue, load_task
+from bertfast.downstream import finetune
+from bertfast.downstream.tasks import GLUE, Examples, TaskError, builtin_task, compute_metrics, load_files, load_glue, load_task
 
 from _utils import assert_one_line_error
 
@@ -270,7 +270,7 @@ def _corpus_categories():
 
 def _slots(sentence):
     """The words standing in the {thing} / {area} / {verb} places of the template `sentence` was made from."""
-    from bertfast.tasks import _TASK_TEMPLATES
+    from bertfast.downstream.tasks import _TASK_TEMPLATES
 
     for t in _TASK_TEMPLATES:
         pattern = re.escape(t)
@@ -327,7 +327,7 @@ def test_builtin_task_holds_out_words_and_sentences_from_pretraining():
     corpus = {s.strip().rstrip(".") for doc in builtin_texts(200) for s in doc.split(". ")}
     assert not any(s.rstrip(".") in corpus for s in tr.text[:300] + va.text[:300])
     assert all(re.search(rf"\b{w}\b", corpus_text) for w in val_words)  # ... but the corpus holds every one of them
-    from bertfast.tasks import _TASK_SYL, _TASK_TOWNS
+    from bertfast.downstream.tasks import _TASK_SYL, _TASK_TOWNS
 
     assert not any(t in corpus_text for t in _TASK_TOWNS)
     names = {s.split()[0] for s in tr.text + va.text} - {"Nobody", "Yesterday", "Everything", "Someone", "The",
@@ -352,7 +352,7 @@ def test_finetune_builtin_writes_metrics_and_results_and_is_reproducible(tiny_mo
 
 
 def test_pretrained_encoder_is_used_unless_from_scratch(tiny_model):
-    from bertfast.pretrained import load_pretrained
+    from bertfast.train.pretrained import load_pretrained
 
     pre = load_pretrained(tiny_model)
     task = load_task("builtin", builtin_train=4, builtin_validation=2)

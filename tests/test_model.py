@@ -4,7 +4,7 @@ import torch
 
 import bertfast
 from bertfast import BertConfig, BertForPreTraining
-from bertfast.hf import convert_to_hf
+from bertfast.model.hf import convert_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,7 +17,7 @@ CONFIGS = [
 
 def _hf_model(cfg: BertConfig, seed: int):
     """A transformers model with random weights everywhere (LayerNorms and biases included)."""
-    from bertfast.hf import to_hf_config
+    from bertfast.model.hf import to_hf_config
 
     hf = transformers.BertForPreTraining(to_hf_config(cfg))
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +130,7 @@ def test_hf_state_dict_roundtrip_strict():
     cfg = BertConfig(**CONFIGS[1])
     model = BertForPreTraining(cfg)
     sd = model.to_hf_state_dict()
-    hf = transformers.BertForPreTraining(bertfast.hf.to_hf_config(cfg))
+    hf = transformers.BertForPreTraining(bertfast.model.hf.to_hf_config(cfg))
     hf.load_state_dict(sd, strict=True)
     back = BertForPreTraining.from_hf(hf.state_dict(), config=cfg)
     for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
@@ -144,7 +144,7 @@ def test_keyword_constructor_and_presets():
     m = BertForPreTraining(vocab_size=120, type_vocab_size=2, hidden_size=64, max_len=32, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=96, dropout=0.1, pad_token_idx=0)
     assert m.config.hidden_size == 64 and len(m.layers) == 2
-    for name, (layers, hidden) in bertfast.model.PRESETS.items():
+    for name, (layers, hidden) in bertfast.model.bert.PRESETS.items():
         c = BertConfig.preset(name)
         assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (
             layers, hidden, hidden // 64, 4 * hidden)
@@ -300,13 +300,13 @@ def test_empty_sequence_pools_the_same_in_both_layouts(unpad):
 
 
 def test_hf_conversion_does_not_import_the_model():
-    """bertfast.hf depends on bertfast.config only; the models import it (one direction, no cycle)."""
+    """bertfast.model.hf depends on bertfast.model.config only; the models import it (one direction, no cycle)."""
     import ast
 
-    tree = ast.parse(open(bertfast.hf.__file__).read())
+    tree = ast.parse(open(bertfast.model.hf.__file__).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert "bertfast.model" not in imported and "bertfast.config" in imported
+    assert "bertfast.model.bert" not in imported and "bertfast.model.config" in imported
 
 
 @pytest.mark.parametrize("check_inputs", [True, False])

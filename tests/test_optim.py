@@ -1,4 +1,4 @@
-"""LAMB (bertfast.optim.Lamb) against a per-tensor float64 transcription of You et al. 2019 / NVIDIA's BERT:
+"""LAMB (bertfast.train.optim.Lamb) against a per-tensor float64 transcription of You et al. 2019 / NVIDIA's BERT:
 one step and several, with weight decay, trust ratio and global gradient pre-normalisation per the param
 groups; the trust ratio's invariants; AdamW where the trust ratio is off; exact continuation through state_dict;
 float32 master weights for a bfloat16 model."""
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bertfast.optim import Lamb
+from bertfast.train.optim import Lamb
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -55,7 +55,7 @@ def bert_like_params(dtype=torch.float64, device="cpu"):
 
 
 def trainer_groups(params, wd):
-    """As bertfast.trainer.param_groups: decay on the >= 2-d tensors, none on the 1-d ones."""
+    """As bertfast.train.trainer.param_groups: decay on the >= 2-d tensors, none on the 1-d ones."""
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
@@ -260,11 +260,11 @@ def test_sparse_gradients_are_refused():
 
 
 def test_trainer_param_groups_give_nvidias_recipe():
-    """With bertfast.trainer.param_groups on the real model, every 1-d tensor (biases, LayerNorm) is in the
+    """With bertfast.train.trainer.param_groups on the real model, every 1-d tensor (biases, LayerNorm) is in the
     no-decay group and gets no trust ratio; every matrix / embedding gets both."""
     from bertfast import BertConfig, BertForPreTraining
-    from bertfast.optim import _trust_ratio_tensors
-    from bertfast.trainer import param_groups
+    from bertfast.train.optim import _trust_ratio_tensors
+    from bertfast.train.trainer import param_groups
 
     model = BertForPreTraining(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                           intermediate_size=64, max_len=16))

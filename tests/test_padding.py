@@ -1,4 +1,4 @@
-"""bertfast.padding: the padded <-> unpadded layouts the model, the varlen reference, tests and benchmarks share."""
+"""bertfast.ops.padding: the padded <-> unpadded layouts the model, the varlen reference, tests and benchmarks share."""
 import pytest
 import torch
 

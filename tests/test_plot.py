@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bertfast.plot import PANELS, figure, main, plot_runs, read_metrics  # noqa: E402
+from bertfast.train.plot import PANELS, figure, main, plot_runs, read_metrics  # noqa: E402
 
 from _utils import assert_one_line_error  # noqa: E402
 

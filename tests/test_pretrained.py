@@ -1,4 +1,4 @@
-"""bertfast.pretrained.load_pretrained: run folders, checkpoints, transformers folders, hub names, and bad input."""
+"""bertfast.train.pretrained.load_pretrained: run folders, checkpoints, transformers folders, hub names, and bad input."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bertfast import BertConfig, BertForPreTraining
-from bertfast import checkpoint as ckpt
-from bertfast.pretrained import load_pretrained
+from bertfast.train import checkpoint as ckpt
+from bertfast.train.pretrained import load_pretrained
 
 WORDS = ("the a cat dog sat on mat ran to house big small red blue is was and he she it they saw "
          "paris london city river bank").split()

@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 
-from bertfast import checkpoint as ckpt
-from bertfast.trainer import ConfigError, TrainConfig, train, validate_config
+from bertfast.train import checkpoint as ckpt
+from bertfast.train.trainer import ConfigError, TrainConfig, train, validate_config
 
 DOCS = 120
 
@@ -221,7 +221,7 @@ def test_resume_without_the_tokenizer_folder_uses_the_checkpoints_copy(done_run,
 # ---------------------------------------------------------------------------------------------- device
 def test_cuda_n_becomes_the_current_device(monkeypatch):
     """--device cuda:1 without torchrun: the trainer makes GPU 1 current (Triton launches on the current one)."""
-    from bertfast import trainer
+    from bertfast.train import trainer
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 
-from bertfast.trainer import TrainConfig
+from bertfast.train.trainer import TrainConfig
 
 
 def _free_port() -> int:
@@ -22,7 +22,7 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, fail_rank: int, out: str, logdir: str):
     import bertfast.data
     from bertfast.data import DataError
-    from bertfast.trainer import train
+    from bertfast.train.trainer import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

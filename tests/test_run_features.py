@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from bertfast import checkpoint as ckpt
-from bertfast.trainer import ConfigError, TrainConfig, train, validate_config
+from bertfast.train import checkpoint as ckpt
+from bertfast.train.trainer import ConfigError, TrainConfig, train, validate_config
 
 pytest.importorskip("datasets", reason="the data pipeline needs `datasets`")
 

@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from bertfast import checkpoint as ckpt
-from bertfast.trainer import (ConfigError, Interrupted, LinearWarmupDecay, TrainConfig, TrainingError, param_groups,
+from bertfast.train import checkpoint as ckpt
+from bertfast.train.trainer import (ConfigError, Interrupted, LinearWarmupDecay, TrainConfig, TrainingError, param_groups,
                               train, validate_config)
 
 DOCS = 120  # documents of the built-in corpus for these tests
@@ -398,7 +398,7 @@ def test_train_on_gpu(run, tmp_path, precision):
             assert math.isfinite(r[k]), (k, r)
         assert r["skipped_steps"] == 0, r
     assert recs[-1]["mlm_loss"] < recs[0]["mlm_loss"] - 0.5, (recs[0], recs[-1])
-    from bertfast.flops import peak_flops
+    from bertfast.train.flops import peak_flops
 
     if peak_flops(torch.cuda.get_device_name(), precision) is not None:
         assert 0 < recs[-1]["mfu"] < 1, recs[-1]
@@ -410,7 +410,7 @@ def test_train_export_hf_loads_in_transformers(run):
     cfg, _, out, export = run
     import transformers
 
-    from bertfast.model import BertConfig, BertForPreTraining
+    from bertfast.model.bert import BertConfig, BertForPreTraining
 
     hf = transformers.BertForPreTraining.from_pretrained(str(export)).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(export))
@@ -432,7 +432,7 @@ def test_train_export_hf_loads_in_transformers(run):
 def test_stop_request_counts_a_quick_repeat_as_one_and_a_later_one_as_abort():
     """The first signal asks for a graceful stop; a repeat within the window (torchrun forwarding the terminal's
     Ctrl-C) is the same request; one after the window aborts at once. Handlers are restored afterwards."""
-    from bertfast.trainer import _StopRequest
+    from bertfast.train.trainer import _StopRequest
 
     said = []
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -457,7 +457,7 @@ def test_stop_request_counts_a_quick_repeat_as_one_and_a_later_one_as_abort():
 
 
 def test_train_param_groups_and_schedule():
-    from bertfast.model import BertConfig, BertForPreTraining
+    from bertfast.model.bert import BertConfig, BertForPreTraining
 
     model = BertForPreTraining(BertConfig.preset("tiny", vocab_size=50, max_len=16))
     decay, no_decay = param_groups(model, 0.01)
@@ -489,12 +489,12 @@ def test_train_bf16_autocast_runs(run, tmp_path):
 
 
 def test_training_flops_matches_a_flop_counter():
-    """bertfast.flops.training_flops against torch's FlopCounterMode on one forward + backward without padding, every
+    """bertfast.train.flops.training_flops against torch's FlopCounterMode on one forward + backward without padding, every
     prediction slot used (so every decoder row is a real prediction)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bertfast.model import BertConfig, BertForPreTraining
-    from bertfast.flops import training_flops
+    from bertfast.model.bert import BertConfig, BertForPreTraining
+    from bertfast.train.flops import training_flops
 
     cfg = BertConfig.preset("tiny", vocab_size=97, max_len=32)
     model = BertForPreTraining(cfg, impl="torch", unpad=False)

@@ -197,7 +197,7 @@ def test_varlen_equals_padded(dtype, dropout_p):
 
 @requires_triton
 def test_varlen_matches_project_reference():
-    """Against bertfast.reference.varlen_attention (the impl="torch" path) through the public dispatch."""
+    """Against bertfast.ops.reference.varlen_attention (the impl="torch" path) through the public dispatch."""
     dev = triton_device()
     lens = torch.tensor([5, 0, 33, 1])
     cu = padding.cu_seqlens_from_seqlens(lens.to(dev))

@@ -86,7 +86,7 @@ def check_layer_norm(shape, dtype, atol, rtol, residual, x_bias, p, param_dtype=
     y64 = ref_layer_norm(*r64[:3], EPS, r64[3], r64[4], keep, p, torch.float64)
     y64.backward(dy.double())
 
-    same = leaves(inputs)  # eager torch on the same dtypes, computed in float32 like bertfast.reference
+    same = leaves(inputs)  # eager torch on the same dtypes, computed in float32 like bertfast.ops.reference
     ys = ref_layer_norm(*same[:3], EPS, same[3], same[4], keep, p, torch.float32)
     ys.backward(dy)
 

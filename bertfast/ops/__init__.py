@@ -1,7 +1,7 @@
 """bertfast's ops, each with an `impl` switch.
 
 impl:
-  "torch"  - the eager PyTorch reference (bertfast.reference); runs everywhere.
+  "torch"  - the eager PyTorch reference (bertfast.ops.reference); runs everywhere.
   "triton" - the Triton kernels (layer_norm, bias_gelu, attention, varlen_attention). On CPU tensors they run
              in Triton's interpreter, which must be switched on with TRITON_INTERPRET=1 before triton is imported.
   "ext"    - the C++/CUDA extension bertfast._C (mlm_gather, softmax_cross_entropy); CPU and CUDA kernels.
@@ -19,7 +19,7 @@ import importlib
 
 import torch
 
-from bertfast import reference
+from bertfast.ops import reference
 from bertfast.kernels._launch import triton_unavailable_reason
 from bertfast.ops import _checks
 from bertfast.ops._checks import OpArgumentError

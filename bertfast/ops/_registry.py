@@ -1,7 +1,7 @@
 """The one list of bertfast's ops. bertfast.ops builds its dispatch tables from it (which impls an op has, which is
 fastest where) and the GPU-compile check builds its kernel list from it (kernels/_compile.py KERNEL_MODULES).
 
-Adding an op: a line here; its eager version in bertfast/reference.py (impl "torch"); its argument checks in
+Adding an op: a line here; its eager version in bertfast/ops/reference.py (impl "torch"); its argument checks in
 bertfast/ops/_checks.py; its public function in bertfast/ops/__init__.py; and, for a Triton op, the kernels and
 launchers in kernels/<name>.py (with gpu_compile_cases) and the torch.library ops in bertfast/ops/_triton_<name>.py
 (named bertfast::<op> and bertfast::<op>_backward), or, for an extension op, csrc/ (schema in ops.cpp, checks in
@@ -19,7 +19,7 @@ class OpSpec:
     name: str
     gpu: str  # the impl "auto" picks on CUDA tensors
     cpu: str  # the impl "auto" picks on CPU tensors
-    impls: dict  # impl ("triton" / "ext") -> module holding a function named `name`; "torch" is bertfast.reference
+    impls: dict  # impl ("triton" / "ext") -> module holding a function named `name`; "torch" is bertfast.ops.reference
     kernels: tuple = ()  # bertfast.kernels modules whose gpu_compile_cases cover the op's Triton kernels
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bertfast.model import PRESETS
-from bertfast.precision import PRECISIONS
+from bertfast.model.bert import PRESETS
+from bertfast.train.precision import PRECISIONS
 
 SEED_MAX = 2 ** 32 - 1  # numpy's legacy seeding takes 32 bits
 
@@ -272,7 +272,7 @@ def check_settings(cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------------------------------- model config
 def model_fields(cfg: TrainConfig) -> dict:
     """The BertConfig fields the TrainConfig decides (the vocabulary comes from the tokenizer)."""
-    from bertfast.model import PRESETS as presets
+    from bertfast.model.bert import PRESETS as presets
 
     layers, hidden = presets[cfg.preset]
     d = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
@@ -283,7 +283,7 @@ def model_fields(cfg: TrainConfig) -> dict:
 
 
 def build_model_config(cfg: TrainConfig, tokenizer):
-    from bertfast.model import BertConfig
+    from bertfast.model.bert import BertConfig
 
     extra = {k: v for k, v in model_fields(cfg).items()
              if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}

@@ -1,7 +1,7 @@
 """Held-out evaluation of a pretraining model: MLM and NSP loss and accuracy over a whole
 evaluation set, reduced over the ranks of a data-parallel run, without touching any training RNG stream.
 
-    from bertfast.evaluate import evaluate, format_eval
+    from bertfast.train.evaluate import evaluate, format_eval
     rec = evaluate(model, loader.eval_loader, device=device, precision="bf16")   # on every rank
     print(format_eval(rec))
 
@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from bertfast.precision import PRECISIONS, autocast
+from bertfast.train.precision import PRECISIONS, autocast
 
 __all__ = ["evaluate", "format_eval", "eval_postfix", "preserve_rng", "EVAL_KEYS"]
 

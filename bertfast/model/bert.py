@@ -9,7 +9,7 @@ tied to the word embeddings (+ bias), NSP on the pooled output. Classifier: drop
 Two encoder layouts give the same numbers (tests/test_model.py):
 - padded: every layer runs on [batch, seqlen, hidden] and attention masks the padding;
 - unpadded (`unpad=True`, the default when an attention_mask is given): the padding is removed once before the
-  embeddings (bertfast.padding), every layer runs on [total_tokens, hidden] with `varlen_attention`, and only the
+  embeddings (bertfast.ops.padding), every layer runs on [total_tokens, hidden] with `varlen_attention`, and only the
   masked positions (MLM) and the [CLS] rows are gathered for the heads. The one host-device synchronisation per
   step is the longest sequence length that varlen attention needs.
 
@@ -27,8 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from bertfast import hf, ops, padding, reference
-from bertfast.config import PRESETS, BertConfig  # noqa: F401  (PRESETS: re-exported for the trainer and CLI)
+from bertfast import ops
+from bertfast.model import hf
+from bertfast.ops import padding, reference
+from bertfast.model.config import PRESETS, BertConfig  # noqa: F401  (PRESETS: re-exported for the trainer and CLI)
 
 
 class PreTrainingOutput:

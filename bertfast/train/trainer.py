@@ -8,9 +8,9 @@ The run, in the order `_train` reads:
     restore   a resume loads weights, optimizer, schedule, data position, RunState and RNG from the checkpoint
     loop      one optimizer step; log; epoch lines; maybe checkpoint; until the last step
     finish    the summary, --export-hf
-The counters and metric sums live in one RunState (bertfast/run_state.py); the settings in TrainConfig
-(bertfast/train_config.py); the resume checks in bertfast/run_plan.py; ranks, device, collectives and the
-graceful stop in bertfast/run_dist.py.
+The counters and metric sums live in one RunState (bertfast/train/state.py); the settings in TrainConfig
+(bertfast/train/config.py); the resume checks in bertfast/train/plan.py; ranks, device, collectives and the
+graceful stop in bertfast/train/dist.py.
 
 Step semantics. One optimizer step consumes `grad_accum` batches of `batch_size` sequences on each of
 `world_size` ranks (the global batch). Its objective is the mean MLM cross-entropy over every predicted token of
@@ -33,16 +33,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bertfast import checkpoint as ckpt
-from bertfast.flops import peak_flops, training_flops
-from bertfast.model import BertForPreTraining
-from bertfast.precision import autocast
-from bertfast.run_dist import (  # noqa: F401 - _Dist, _select_device: for the tests
+from bertfast.train import checkpoint as ckpt
+from bertfast.train.flops import peak_flops, training_flops
+from bertfast.model.bert import BertForPreTraining
+from bertfast.train.precision import autocast
+from bertfast.train.dist import (  # noqa: F401 - _Dist, _select_device: for the tests
     PeerFailed, TrainingError, _all_reduce_sum, _barrier, _Dist, _on_every_rank, _select_device, _setup_distributed,
     _StopRequest)
-from bertfast.run_plan import RunPlan, plan_run
-from bertfast.run_state import RunState, device_values, summarize
-from bertfast.train_config import PRECISIONS, ConfigError, TrainConfig, build_model_config
+from bertfast.train.plan import RunPlan, plan_run
+from bertfast.train.state import RunState, device_values, summarize
+from bertfast.train.config import PRECISIONS, ConfigError, TrainConfig, build_model_config
 
 EVAL_BATCH_FACTOR = 2  # evaluation batches are this many times --batch-size (no activations kept for backward)
 
@@ -309,7 +309,7 @@ def _prepare(plan: RunPlan, d: _Dist, log) -> _Run:
 def _optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lamb":  # trust ratio on matrices only (the default): NVIDIA's BERT recipe
-        from bertfast.optim import Lamb
+        from bertfast.train.optim import Lamb
 
         return Lamb(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
     # fused: one kernel over all parameters (CPU and CUDA); on 2 CPU cores it is 6x faster than foreach at
@@ -713,12 +713,12 @@ def _finish(run: _Run) -> dict:
 
 
 def _plot_curves(output_dir: str, log) -> None:
-    """OUTPUT_DIR/metrics.png (bertfast.plot) when matplotlib is installed; a plot that fails never fails the run."""
+    """OUTPUT_DIR/metrics.png (bertfast.train.plot) when matplotlib is installed; a plot that fails never fails the run."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    from bertfast.plot import plot_runs
+    from bertfast.train.plot import plot_runs
 
     try:
         log(f"training curves: {plot_runs([output_dir], os.path.join(output_dir, 'metrics.png'))}")
@@ -741,7 +741,7 @@ def _nothing_left(plan: RunPlan, log) -> dict:
         log(f"done: nothing left to train, {path} is already at the run's last step ({step}); raise --max-steps or "
             "--epochs to train further")
         if plan.cfg.export_hf:
-            from bertfast.model import BertConfig
+            from bertfast.model.bert import BertConfig
 
             with open(os.path.join(path, "config.json")) as f:
                 model = BertForPreTraining(BertConfig.from_dict(json.load(f)))
@@ -753,7 +753,7 @@ def _nothing_left(plan: RunPlan, log) -> dict:
 
 def export_hf(model, output_dir: str, tokenizer=None) -> str:
     """Write a transformers-loadable copy (config.json, model.safetensors, tokenizer) of `model` to output_dir."""
-    from bertfast.hf import export_hf as _export
+    from bertfast.model.hf import export_hf as _export
 
     model = getattr(model, "module", model)
     was_training = model.training

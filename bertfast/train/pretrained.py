@@ -27,8 +27,8 @@ import warnings
 
 import torch
 
-from bertfast import checkpoint as ckpt
-from bertfast.model import BertConfig, BertForPreTraining
+from bertfast.train import checkpoint as ckpt
+from bertfast.model.bert import BertConfig, BertForPreTraining
 
 EXPECTED = ("a bertfast run folder (holding checkpoints/ and tokenizer/), one of its checkpoints "
             "(model.safetensors + config.json + manifest.json), a transformers folder (config.json + "
@@ -192,7 +192,7 @@ def _load_transformers(name_or_path: str, *, local_only: bool, impl, unpad):
     """(bertfast model, transformers' names of the freshly initialised weights)."""
     import transformers
 
-    from bertfast.hf import from_hf_config
+    from bertfast.model.hf import from_hf_config
 
     where = name_or_path if os.path.isdir(name_or_path) else f"hub model {name_or_path!r}"
     with _quiet_transformers():

@@ -18,7 +18,7 @@ lets LAMB train BERT at batch 32k-64k.
 Which tensors get the trust ratio and weight decay: the param groups decide. `weight_decay` is per group as in
 AdamW; `trust_ratio` is per group too: True (every tensor of the group), False (none: plain AdamW steps) or None
 (the default: tensors with two or more dimensions, i.e. matrices and embeddings, and not the biases and
-LayerNorm weights, as in the paper and NVIDIA's BERT). With bertfast.trainer.param_groups (every 1-d parameter in
+LayerNorm weights, as in the paper and NVIDIA's BERT). With bertfast.train.trainer.param_groups (every 1-d parameter in
 the group with weight_decay 0) the default gives NVIDIA's recipe: neither decay nor trust ratio on 1-d tensors.
 
 Why not a library: torch-optimizer's Lamb (the maintained-looking choice on PyPI; last release 0.3.0, 2021)

@@ -2,7 +2,7 @@
 
 A task becomes a `TaskData`: train and validation `Examples` (first text, optional second text, label), the
 kind (classification with `label_names`, or regression) and the metrics reported. Everything here reads or
-generates data and scores predictions; the model and the training loop live in bertfast.finetune.
+generates data and scores predictions; the model and the training loop live in bertfast.downstream.finetune.
 
 Metrics (`compute_metrics`) are the GLUE ones, computed with scikit-learn and scipy: accuracy; F1 of the positive
 class and accuracy (MRPC, QQP); Matthews correlation (CoLA); Pearson and Spearman correlation (STS-B).

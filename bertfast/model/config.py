@@ -1,5 +1,5 @@
 """BertConfig (the model's sizes and dropouts) and the size presets: imported by the model and by the
-transformers conversion (bertfast.hf) alike."""
+transformers conversion (bertfast.model.hf) alike."""
 from __future__ import annotations
 
 import dataclasses

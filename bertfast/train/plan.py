@@ -18,8 +18,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from bertfast import checkpoint as ckpt
-from bertfast.train_config import ConfigError, TrainConfig, check_settings, flag_of, model_fields
+from bertfast.train import checkpoint as ckpt
+from bertfast.train.config import ConfigError, TrainConfig, check_settings, flag_of, model_fields
 
 # the data order, split and masks (data, builtin_docs, seed, batch_size, grad_accum, whole_word_masking,
 # sentences_per_doc, text_column, doc_column, eval_fraction, eval_data), the model (preset, max_len, max_position_embeddings, dropout), the
@@ -38,7 +38,7 @@ class RunPlan:
     tokenizer: object | None = None  # a resume's tokenizer, loaded and checked against the checkpoint
     notes: list[str] = field(default_factory=list)  # said at start (skipped checkpoints, applied changes)
     restore_tokenizer: bool = False  # OUTPUT_DIR/tokenizer is missing: put the checkpoint's copy back
-    init: object | None = None  # --init-from: the bertfast.pretrained.Pretrained (model, tokenizer) to start from
+    init: object | None = None  # --init-from: the bertfast.train.pretrained.Pretrained (model, tokenizer) to start from
 
     @property
     def resuming(self) -> bool:
@@ -128,7 +128,7 @@ def _positions_of_older_runs(plan: RunPlan) -> TrainConfig:
 
 def _init_source(cfg: TrainConfig):
     """--init-from: load the weights and their tokenizer; refuse another architecture or another --tokenizer."""
-    from bertfast.pretrained import load_pretrained
+    from bertfast.train.pretrained import load_pretrained
 
     try:
         init = load_pretrained(cfg.init_from)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # annotations only: train_config does not import this module's users
-    from bertfast.train_config import TrainConfig
+    from bertfast.train.config import TrainConfig
 
 
 class TrainingError(RuntimeError):

@@ -2,7 +2,7 @@
 
 bertfast name -> transformers name: the encoder (embeddings, layers, pooler) lives under `bert.` in transformers'
 models with heads; BertForPreTraining's heads under `cls.`, BertForSequenceClassification's under `classifier.`.
-The fused QKV weight is transformers' query, key and value stacked. This module depends on bertfast.config only;
+The fused QKV weight is transformers' query, key and value stacked. This module depends on bertfast.model.config only;
 the models call it (no import cycle)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from bertfast.config import BertConfig
+from bertfast.model.config import BertConfig
 
 _LAYER = {  # bertfast layer param -> transformers layer param (under bert.encoder.layer.{i}.)
     "attn_out.weight": "attention.output.dense.weight",

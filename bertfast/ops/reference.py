@@ -62,8 +62,8 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None):
     """Attention on unpadded tokens q, k, v [T, H, D]; sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1].
 
-    The reference pads into [batch, max_seqlen] (bertfast.padding) and calls `attention`."""
-    from bertfast import padding  # (the file above this function is the ops' pure reference; padding is a leaf)
+    The reference pads into [batch, max_seqlen] (bertfast.ops.padding) and calls `attention`."""
+    from bertfast.ops import padding  # (the file above this function is the ops' pure reference; padding is a leaf)
 
     layout = padding.layout_from_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
     mask = torch.arange(max_seqlen, device=q.device)[None, :] < layout.seqlens[:, None]  # [B, S]
