@@ -369,6 +369,29 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _zero_tail_kernel(
+    PTR,              # a [rows, A, B] tensor (any strides): out [T, H, D], lse [H, T] seen as [T, H, 1], dqkv
+    SEQ,              # int32 cu_seqlens [batch + 1]: rows >= SEQ[n_seqs] are padding
+    n_seqs, n_rows, A, B,
+    stride_t, stride_a, stride_b,
+    value,            # what a padding row holds (0.0; +inf for lse)
+    BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Writes `value` into every row t >= cu_seqlens[-1] of PTR (the padding rows of a bucket-padded varlen
+    batch, issue 31); programs whose row block lies below cu_seqlens[-1] return at once. Grid: (row blocks,
+    column blocks of the A * B columns)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    end = tl.load(SEQ + n_seqs)
+    if tl.program_id(0) * BLOCK_T + BLOCK_T <= end:
+        return
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    col_off = (w // B).to(tl.int64) * stride_a + (w % B).to(tl.int64) * stride_b
+    msk = ((rows >= end) & (rows < n_rows))[:, None] & (w < A * B)[None, :]
+    vals = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32) + value
+    tl.store(PTR + rows.to(tl.int64)[:, None] * stride_t + col_off[None, :], vals.to(PTR.dtype.element_ty), mask=msk)
+
+
+@triton.jit
 def _dropout_mask_kernel(
     OUT,              # uint8 [batch * heads, max_seqlen, max_seqlen], 1 = kept
     max_seqlen, dropout_p, seed,
@@ -556,13 +579,36 @@ def _seq_info(q, key_padding_mask, cu_seqlens, max_seqlen):
     return False, b, s, extent.to(torch.int32).contiguous(), mask.view(torch.uint8)
 
 
+def fill_padding_rows(t: torch.Tensor, seq: torch.Tensor, value: float = 0.0) -> None:
+    """Writes `value` into the rows t >= cu_seqlens[-1] (= seq[-1], read on the device: no host sync) of the varlen
+    tensor t ([T, H, D] or [T, H, 1]-like views, any strides): the padding rows of a bucket-padded batch. One
+    launch whose programs below cu_seqlens[-1] return at once."""
+    n_rows = t.shape[0]
+    if t.numel() == 0:
+        return
+    t3 = t.unsqueeze(-1) if t.dim() == 2 else t  # [T, H] -> [T, H, 1], a view
+    rows, a, b = t3.shape
+    width = a * b
+    block_w = min(1024, triton.next_power_of_2(width))
+    block_t = max(1, min(64, 4096 // block_w))
+    grid = (triton.cdiv(rows, block_t), triton.cdiv(width, block_w))
+    with _launch.device_guard(t):
+        _zero_tail_kernel[grid](t3, seq, seq.numel() - 1, rows, a, b, *t3.stride(), float(value),
+                                BLOCK_T=block_t, BLOCK_W=block_w)
+
+
 def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
                       dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
                       out=None, lse=None):
     """Fused attention forward. Padded (q [B, S, H, D] + optional bool key_padding_mask [B, S]) or varlen
     (q [T, H, D] + cu_seqlens int32 [B + 1] + max_seqlen). Returns (out like q, contiguous; lse float32
     [B, H, S] padded or [H, T] varlen, natural log, +inf at padded rows). `out`/`lse` may be given (tests
-    pass NaN-filled buffers to prove every element is written)."""
+    pass NaN-filled buffers to prove every element is written).
+
+    Varlen padding rows (issue 31): q, k, v may have T >= cu_seqlens[-1] rows; rows t >= cu_seqlens[-1] belong
+    to no sequence: no real row attends to them, their out rows are 0 and their lse is +inf (the value padded
+    query rows already have: the backward's P = exp(S - lse) is then exactly 0 there, and +inf never enters an
+    output or a gradient)."""
     varlen = cu_seqlens is not None
     _check_inputs(q, k, v, varlen)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -590,13 +636,40 @@ def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_se
             HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             IS_VARLEN=varlen, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
             INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if varlen:
+        fill_padding_rows(out, seq, 0.0)
+        fill_padding_rows(lse.t(), seq, float("inf"))
     return out, lse
+
+
+def _grad_buffers(q, dq, dk, dv, dqkv):
+    """(dq, dk, dv, dqkv) to write into. Unless the caller gives dq/dk/dv, they are the views dqkv.unbind(-3) of
+    ONE [..., 3, heads, head_dim] buffer (given, or new), the layout of the fused QKV projection's output
+    (bert.py views it as [T, 3, H, D]), so its gradient needs no stack / cat copy (issue 26)."""
+    if dq is None and dk is None and dv is None:
+        shape = tuple(q.shape[:-2]) + (3,) + tuple(q.shape[-2:])
+        if dqkv is None:
+            dqkv = torch.empty(shape, dtype=q.dtype, device=q.device)
+        elif tuple(dqkv.shape) != shape or dqkv.dtype != q.dtype or not dqkv.is_contiguous():
+            raise ValueError(f"dqkv must be contiguous {shape} of dtype {q.dtype}, got {tuple(dqkv.shape)} "
+                             f"{dqkv.dtype}")
+        return dqkv.unbind(-3) + (dqkv,)
+    if dqkv is not None:
+        raise ValueError("give either dqkv or dq/dk/dv, not both")
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    if dk is None and dv is None:
+        # dK and dV share one allocation so the kernel has one set of strides for both
+        dkv = torch.empty((2,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+        dk, dv = dkv[0], dkv[1]
+    return dq, dk, dv, None
 
 
 def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
                        dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
-                       dq=None, dk=None, dv=None):
-    """Gradients (dq, dk, dv) of attention_forward, given its out and lse and the same arguments."""
+                       dq=None, dk=None, dv=None, dqkv=None):
+    """Gradients (dq, dk, dv) of attention_forward, given its out and lse and the same arguments. Without
+    dq/dk/dv given they are views of one [..., 3, heads, head_dim] buffer, `dqkv` or a new one (`_grad_buffers`).
+    Varlen padding rows (t >= cu_seqlens[-1]) get exact zeros in dq, dk and dv."""
     varlen = cu_seqlens is not None
     _check_inputs(q, k, v, varlen)
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
@@ -604,11 +677,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqle
     heads, head_dim = q.shape[-2], q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    if dk is None and dv is None:
-        # dK and dV share one allocation so the kernel has one set of strides for both
-        dkv = torch.empty((2,) + tuple(q.shape), dtype=q.dtype, device=q.device)
-        dk, dv = dkv[0], dkv[1]
+    dq, dk, dv, dqkv = _grad_buffers(q, dq, dk, dv, dqkv)
     if dk.stride() != dv.stride():
         raise ValueError("dk and dv must have the same strides")
     if batch == 0 or q.numel() == 0:
@@ -645,7 +714,19 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqle
             *_strides4(dq, varlen), *lse_strides, mask_stride, *scalars,
             BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    if varlen:
+        _zero_padding_grads(seq, dq, dk, dv, dqkv)
     return dq, dk, dv
+
+
+def _zero_padding_grads(seq, dq, dk, dv, dqkv):
+    """Zeros in the padding rows of dq, dk, dv: one launch over the packed [T, 3 * H, D] buffer when they are its
+    views (the default), else one launch each."""
+    if dqkv is not None:
+        fill_padding_rows(dqkv.view(dqkv.shape[0], -1, dqkv.shape[-1]), seq, 0.0)
+        return
+    for t in (dq, dk, dv):
+        fill_padding_rows(t, seq, 0.0)
 
 
 def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_seqlen: int,
