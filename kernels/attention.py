@@ -797,6 +797,29 @@ def gpu_compile_cases(capability: int) -> list[dict]:
                     if precision == "ieee":
                         case["input_precision"] = "ieee"
                     cases.append(case)
+    return cases + _tail_fill_cases(B * S, H)
+
+
+def _tail_fill_cases(tokens: int, heads: int) -> list[dict]:
+    """`_zero_tail_kernel` as `fill_padding_rows` launches it at these shapes: out [T, H, D] per dtype, the packed
+    dq/dk/dv [T, 3 * H, D] per dtype, lse [T, H, 1] float32 (bytes: the worst case, every row padding)."""
+    cases = []
+    shapes = [(ty, (heads, d), f"{ty}_d{d}") for ty in ("fp16", "bf16", "fp32") for d in (64,)]
+    shapes += [(ty, (3 * heads, 64), f"{ty}_dqkv_d64") for ty in ("fp16", "bf16", "fp32")]
+    shapes.append(("fp32", (heads, 1), "lse"))
+    for ty, (a, b), tag in shapes:
+        width = a * b
+        block_w = min(1024, triton.next_power_of_2(width))
+        block_t = max(1, min(64, 4096 // block_w))
+        sig = {"PTR": "*" + ty, "SEQ": "*i32", "n_seqs": "i32", "n_rows": "i32", "A": "i32", "B": "i32",
+               "stride_t": "i32", "stride_a": "i32", "stride_b": "i32", "value": "fp32",
+               "BLOCK_T": "constexpr", "BLOCK_W": "constexpr"}
+        es = {"fp16": 2, "bf16": 2, "fp32": 4}[ty]
+        cases.append({"name": f"attention_zero_tail_{tag}", "fn": _zero_tail_kernel, "signature": sig,
+                      "constexprs": {"BLOCK_T": block_t, "BLOCK_W": block_w}, "dtype": ty,
+                      "attrs": _launch.divisibility_attrs(_zero_tail_kernel, sig, {"n_rows": tokens,
+                                                                                   "stride_t": width}),
+                      "num_warps": 4, "num_stages": 1, "uses_mma": False, "bytes": tokens * width * es, "flops": 0})
     return cases
 
 

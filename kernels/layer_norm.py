@@ -236,10 +236,12 @@ def fwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 
 
 def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 90,
-               num_sms: int | None = None, dropout: bool = False) -> dict:
+               num_sms: int | None = None, dropout: bool = False, resident_per_sm: int | None = None) -> dict:
     """Launch settings of `_layer_norm_bwd_kernel`: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "grid"}.
-    The grid is persistent: at most a few programs per SM (`num_sms` defaults to the usual card of that
-    capability), each looping over row tiles; the [grid, N] float32 partial sums are reduced afterwards."""
+    The grid is persistent, one full wave: `num_sms` (default: the usual card of that capability) x
+    `resident_per_sm` programs, the kernel's occupancy from its compiled registers and shared memory
+    (`_launch.kernel_occupancy`, passed by the launcher on a GPU; None: the warps-only bound), each looping over
+    row tiles; the [grid, N] float32 partial sums are reduced afterwards."""
     block_n = _block_n(n_cols)
     block_m, num_warps = _tile(n_rows, block_n, 2048)
     # At N = 8192 the three float32 column accumulators plus the row's working set sit at the 128-register
@@ -251,8 +253,9 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
     if block_n >= 8192 and not dropout:
         num_warps = 32
     sms = num_sms or DEFAULT_SMS.get(capability, 108)
-    per_sm = max(1, 2048 // (32 * num_warps))  # resident programs per SM by threads (2048 threads / SM)
-    programs = max(1, min(triton.cdiv(n_rows, block_m), sms * min(per_sm, 4)))
+    if resident_per_sm is None:
+        resident_per_sm = _launch.blocks_per_sm(capability, None, num_warps)
+    programs = _launch.persistent_programs(triton.cdiv(n_rows, block_m), sms, resident_per_sm)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
             "grid": (programs,), "REDRAW_KEEP": redraw_keep}
 
@@ -346,24 +349,13 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     dh = None
     if store_dh:
         dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dresidual is None else dresidual
-    cap, sms = device_info(x)
-    cfg = bwd_config(m, n, x.dtype, cap, sms, dropout=has_dropout)
-    g = cfg["grid"][0] if m > 0 else 0
-    dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    dxb_part = torch.empty((g, n), dtype=torch.float32, device=x.device) if x_bias is not None else dw_part
-    if m > 0:
-        dx2 = dx.view(m, n)
-        dh2 = dh.view(m, n) if dh is not None else dx2
-        with _launch.device_guard(x):
-            _layer_norm_bwd_kernel[cfg["grid"]](
-                dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2,
-                dw_part, db_part, dxb_part,
-                dy2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dh2.stride(0), m, n,
-                int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
-                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_DH=store_dh,
-                REDRAW_KEEP=cfg["REDRAW_KEEP"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dx2 = dx.view(m, n)
+    dh2 = dh.view(m, n) if dh is not None else dx2
+    tensors = (dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2)
+    flags = dict(HAS_XBIAS=x_bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
+                 STORE_DH=store_dh)
+    dropout_args = (int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p))
+    dw_part, db_part, dxb_part = _run_bwd(tensors, dropout_args, flags, x_bias is not None)
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype)
     dx_bias = dxb_part.sum(0).to(x_bias.dtype) if x_bias is not None else None
@@ -374,6 +366,32 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     else:
         dres = dh
     return dx, dres, dweight, dbias, dx_bias
+
+
+def _run_bwd(tensors, dropout_args, flags, has_xbias):
+    """Launches `_layer_norm_bwd_kernel` on (dy2, x2, xb, r2, weight, mean, rstd, dx2, dh2) over its persistent grid
+    (sized from the compiled kernel's occupancy on a GPU) and returns the [G, N] float32 partial sums (dw, db, dxb;
+    dxb is dw's buffer when there is no x_bias)."""
+    dy2, x2, _, r2, _, _, _, dx2, dh2 = tensors
+    m, n = x2.shape
+    cap, sms = device_info(x2)
+    cfg = bwd_config(m, n, x2.dtype, cap, sms, dropout=flags["HAS_DROPOUT"])
+    strides = (dy2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dh2.stride(0), m, n)
+    consts = dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], REDRAW_KEEP=cfg["REDRAW_KEEP"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with _launch.device_guard(x2):
+        if m > 0 and x2.device.type == "cuda":
+            probe = torch.empty((1, n), dtype=torch.float32, device=x2.device)
+            resident = _launch.kernel_occupancy(_layer_norm_bwd_kernel, tensors + (probe,) * 3 + strides
+                                                + dropout_args, consts, x2.device, cap)
+            if resident is not None:
+                cfg = bwd_config(m, n, x2.dtype, cap, sms, dropout=flags["HAS_DROPOUT"], resident_per_sm=resident)
+        g = cfg["grid"][0] if m > 0 else 0
+        parts = [torch.empty((g, n), dtype=torch.float32, device=x2.device) for _ in range(3 if has_xbias else 2)]
+        if m > 0:
+            _layer_norm_bwd_kernel[cfg["grid"]](*tensors, parts[0], parts[1], parts[-1], *strides, *dropout_args,
+                                                **consts)
+    return parts[0], parts[1], parts[-1]
 
 
 def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:

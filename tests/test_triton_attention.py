@@ -329,6 +329,19 @@ def test_qkvpacked_gives_the_same_qkv_weight_gradient_without_a_copy(extra):
     assert copies[1] == [], copies[1]  # the packed path copies nothing
 
 
+@requires_triton
+def test_backward_builds_no_zero_filled_gradient_for_lse():
+    """lse gets no gradient: the backward allocates no zero-filled [heads, T] buffer for it (issue 26)."""
+    dev = triton_device()
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
+    qkv = torch.randn(12, 3, 2, 16, device=dev, requires_grad=True)
+    for out in (T.varlen_attention(*qkv.unbind(1), cu, 7), T.varlen_attention_qkvpacked(qkv, cu, 7)):
+        with _OpLog() as log:
+            out.sum().backward()
+        assert "attention_backward" in log.ops
+        assert not {"zeros", "zeros_like", "zero_", "fill_"} & set(log.ops), log.ops
+
+
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the aten op names (overload packet) that run while it is on."""
 

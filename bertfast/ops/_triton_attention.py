@@ -91,11 +91,21 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens, seed)
     ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+    _no_zero_grads(ctx, lse)
+
+
+def _no_zero_grads(ctx, lse):
+    """lse is a statistic for the backward, never differentiated: marked so, and with materialize_grads off autograd
+    does not build a zero-filled [heads, T] gradient for it in every backward (issue 26)."""
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     # lse is an auxiliary output for the backward: its gradient is ignored (it is never used downstream).
     # dq, dk, dv are views of one buffer (they share its storage: nothing is copied here)
+    if dout is None:  # out took no part in the loss (materialize_grads is off)
+        return (None,) * 9
     q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     dqkv = attention_backward_op(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, ctx.max_seqlen,
                                  ctx.dropout_p, ctx.softmax_scale, seed)
@@ -129,9 +139,12 @@ def _packed_setup(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, key_padding_mask, cu_seqlens, seed)
     ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+    _no_zero_grads(ctx, lse)
 
 
 def _packed_backward(ctx, dout, dlse):
+    if dout is None:  # out took no part in the loss (materialize_grads is off)
+        return (None,) * 7
     qkv, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     q, k, v = qkv.unbind(-3)
     dqkv = attention_backward_op(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, ctx.max_seqlen,

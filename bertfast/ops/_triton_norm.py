@@ -79,12 +79,18 @@ def _layer_norm_setup(ctx, inputs, output):
     x, weight, bias, residual, x_bias, seed, eps, dropout_p = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd, residual, x_bias, seed)
+    # mean and rstd are statistics for the backward, never differentiated: without this, autograd builds two
+    # zero-filled [rows] gradients for them in every backward (issue 26)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.dropout_p = dropout_p if seed is not None else 0.0
     ctx.bias_dtype = bias.dtype
 
 
 def _layer_norm_backward(ctx, dy, dmean, drstd):
     # mean and rstd are saved statistics, not differentiable outputs: their gradients are ignored
+    if dy is None:  # y took no part in the loss (materialize_grads is off)
+        return (None,) * 8
     x, weight, mean, rstd, residual, x_bias, seed = ctx.saved_tensors
     need_dres = residual is not None and ctx.needs_input_grad[3]
     dx, dres, dw, db, dxb = layer_norm_backward_op(dy, x, weight, mean, rstd, residual, x_bias, seed, ctx.dropout_p,
