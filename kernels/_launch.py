@@ -5,7 +5,7 @@
   * the dtype tables (`FLOAT_DTYPES`, `TL_PTR`, `TL_NAME`) and the usual SM counts (`DEFAULT_SMS`);
   * the specialisation Triton gives arguments at launch (`divisibility_attrs`: 16-byte aligned pointers and ints
     divisible by 16 get tt.divisibility=16), which the GPU-compile cases must reproduce;
-  * dropout seeds (`draw_seed`, `seed_value`): one contract for every op;
+  * dropout seeds (`draw_seed`, `seed_tensor`): device tensors read by the kernels, one contract for every op;
   * argument helpers (`check_vector`, `as_rows`, `device_info`).
 """
 from __future__ import annotations
@@ -41,16 +41,43 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return f"tensors on {device} are not supported; use CUDA (or CPU with TRITON_INTERPRET=1)"
 
 
-def draw_seed() -> torch.Tensor:
-    """The Philox seed of one dropout draw: a 0-dim int64 CPU tensor from torch's default generator, so that
-    torch.manual_seed makes runs repeatable. A tensor, not an int, so a custom op stays a function of its inputs
-    (opcheck, torch.compile: no graph break) and the backward gets the same seed back. Tests re-seed torch, draw
-    it, re-seed and call the op to know its mask."""
-    return torch.randint(2 ** 31, (), dtype=torch.int64, device="cpu")
+def draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The Philox seed of one dropout draw: a 0-dim int64 tensor ON `device` (the op's tensors' device), drawn by
+    that device's own default generator (`torch.randint(..., device=device)`), and read by the kernels from device
+    memory (`SEED` pointer), never as a host int. So:
+      * CUDA-graph ready: the seed and the generator's offset live on the device and advance there; a captured step
+        (torch.cuda.graph, torch.compile "reduce-overhead") replays the randint with fresh Philox offsets (torch's
+        graph-safe CUDA generator), so every replay draws new masks; nothing is read back to the host;
+      * torch.manual_seed (which seeds every device's generator) makes runs repeatable;
+      * a tensor, not an int, so a custom op stays a function of its inputs (opcheck, torch.compile: no graph
+        break) and the backward gets the same seed back.
+    Tests re-seed torch, draw it, re-seed and call the op to know its mask."""
+    return torch.randint(2 ** 31, (), dtype=torch.int64, device=device)
+
+
+_NO_SEED: dict = {}
+
+
+def seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The int64 0-dim seed tensor on `device` a kernel's SEED pointer reads: draw_seed()'s tensor as is (moved and
+    cast only if it is elsewhere), an int as a new tensor (tests, dropout_keep_mask), None / 0 a zero tensor made
+    once per device (the kernels without dropout never read it; a device-side fill, so CUDA-graph safe)."""
+    device = torch.device(device)
+    if isinstance(seed, torch.Tensor):
+        if seed.device == device and seed.dtype == torch.int64:
+            return seed
+        return seed.to(device=device, dtype=torch.int64)
+    if not seed:
+        key = str(device)
+        if key not in _NO_SEED:
+            _NO_SEED[key] = torch.zeros((), dtype=torch.int64, device=device)
+        return _NO_SEED[key]
+    return torch.tensor(int(seed), dtype=torch.int64, device=device)
 
 
 def seed_value(seed) -> int:
-    """The int of a seed given as draw_seed()'s tensor, an int, or None (no dropout: 0)."""
+    """The int of a seed given as draw_seed()'s tensor, an int, or None (no dropout: 0). Reads a device tensor back
+    to the host: for tests only (the launchers take the tensor itself)."""
     return 0 if seed is None else int(seed)
 
 

@@ -127,7 +127,7 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh,   # LSE strides over batch and head (row stride is 1)
     stride_mb,
     n_heads, max_seqlen,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, SEED,   # SEED: *int64 (0-dim) Philox seed, read on the device (CUDA-graph safe)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
@@ -136,6 +136,7 @@ def _attn_fwd_kernel(
     if IS_VARLEN:
         if pid_m * BLOCK_M >= seqlen:
             return
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
     k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
     v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
@@ -234,7 +235,7 @@ def _attn_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_mb,
     n_heads, max_seqlen,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, SEED,   # SEED: *int64 (0-dim) Philox seed, read on the device (CUDA-graph safe)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
@@ -244,6 +245,7 @@ def _attn_bwd_dkdv_kernel(
     if IS_VARLEN:
         if pid_n * BLOCK_N >= seqlen:
             return
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
     k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
     v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
@@ -313,7 +315,7 @@ def _attn_bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_mb,
     n_heads, max_seqlen,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, SEED,   # SEED: *int64 (0-dim) Philox seed, read on the device (CUDA-graph safe)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
@@ -323,6 +325,7 @@ def _attn_bwd_dq_kernel(
     if IS_VARLEN:
         if pid_m * BLOCK_M >= seqlen:
             return
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
     k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
     v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
@@ -394,11 +397,12 @@ def _zero_tail_kernel(
 @triton.jit
 def _dropout_mask_kernel(
     OUT,              # uint8 [batch * heads, max_seqlen, max_seqlen], 1 = kept
-    max_seqlen, dropout_p, seed,
+    max_seqlen, dropout_p, SEED,
     BLOCK: tl.constexpr,
 ):
     pid_m, bh = _block_and_head(max_seqlen, BLOCK)
     pid_n = tl.program_id(1)
+    seed = tl.load(SEED)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], max_seqlen, dropout_p)
@@ -598,7 +602,7 @@ def fill_padding_rows(t: torch.Tensor, seq: torch.Tensor, value: float = 0.0) ->
 
 
 def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
-                      dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
+                      dropout_p: float = 0.0, softmax_scale: float | None = None, seed=0,
                       out=None, lse=None):
     """Fused attention forward. Padded (q [B, S, H, D] + optional bool key_padding_mask [B, S]) or varlen
     (q [T, H, D] + cu_seqlens int32 [B + 1] + max_seqlen). Returns (out like q, contiguous; lse float32
@@ -632,7 +636,7 @@ def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_se
             q, k, v, out, lse, mask if mask is not None else seq, seq,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
             *lse_strides, mask.stride(0) if mask is not None else 0,
-            heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed),
+            heads, max_seqlen, float(softmax_scale), float(dropout_p), _launch.seed_tensor(seed, q.device),
             HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             IS_VARLEN=varlen, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
             INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -665,7 +669,7 @@ def _grad_buffers(q, dq, dk, dv, dqkv):
 
 
 def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
-                       dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
+                       dropout_p: float = 0.0, softmax_scale: float | None = None, seed=0,
                        dq=None, dk=None, dv=None, dqkv=None):
     """Gradients (dq, dk, dv) of attention_forward, given its out and lse and the same arguments. Without
     dq/dk/dv given they are views of one [..., 3, heads, head_dim] buffer, `dqkv` or a new one (`_grad_buffers`).
@@ -698,7 +702,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqle
             num_stages=cfg["num_stages"], **common)
 
         flags = dict(common, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision)
-        scalars = (heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed))
+        scalars = (heads, max_seqlen, float(softmax_scale), float(dropout_p), _launch.seed_tensor(seed, q.device))
         cfg = attention_config("bwd_dkdv", head_dim, q.dtype, cap, precision)
         _attn_bwd_dkdv_kernel[launch_grid(max_seqlen, cfg["BLOCK_N"], batch, heads)](
             q, k, v, do, dk, dv, lse, delta, mask_arg, seq,
@@ -729,7 +733,7 @@ def _zero_padding_grads(seq, dq, dk, dv, dqkv):
         fill_padding_rows(t, seq, 0.0)
 
 
-def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_seqlen: int,
+def dropout_keep_mask(seed, dropout_p: float, batch: int, heads: int, max_seqlen: int,
                       device="cpu") -> torch.Tensor:
     """The keep mask the kernels draw for (seed, dropout_p): bool [batch, heads, max_seqlen, max_seqlen],
     True = kept; element [b, h, i, j] is query i, key j of sequence b (its local positions, padded or varlen).
@@ -741,7 +745,7 @@ def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_s
     _launch.check_runnable(out, "dropout_keep_mask")
     with _launch.device_guard(out):
         _dropout_mask_kernel[dropout_mask_grid(max_seqlen, block, batch, heads)](
-            out, max_seqlen, float(dropout_p), int(seed), BLOCK=block)
+            out, max_seqlen, float(dropout_p), _launch.seed_tensor(seed, out.device), BLOCK=block)
     return out.view(batch, heads, max_seqlen, max_seqlen).to(torch.bool)
 
 
@@ -831,7 +835,7 @@ def _signature(fn, ty: str, head_dim: int, cfg: dict, flags: dict):
     for k, val in flags.items():
         if k in fn.arg_names:
             consts[k] = val
-    pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "SEQ": "*i32"}
+    pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "SEQ": "*i32", "SEED": "*i64"}
     sig = {}
     for name in fn.arg_names:
         if name in consts:

@@ -91,7 +91,7 @@ def _layer_norm_fwd_kernel(
     stride_x, stride_r, stride_y,  # row strides in elements (the last dim is contiguous)
     M, N,  # rows, row width
     eps,  # LayerNorm epsilon
-    seed,  # Philox seed of the dropout mask
+    SEED,  # *int64 (0-dim): Philox seed of the dropout mask, read on the device (CUDA-graph safe)
     drop_threshold,  # round(dropout_p * 2**31): see _dropout_keep
     dropout_scale,  # 1 / (1 - dropout_p) (0 when p == 1)
     BLOCK_M: tl.constexpr,  # rows per program
@@ -108,7 +108,7 @@ def _layer_norm_fwd_kernel(
 
     keep = mask
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rows64, 0, N, drop_threshold, BLOCK_N)
+        keep = _dropout_keep(tl.load(SEED), rows64, 0, N, drop_threshold, BLOCK_N)
     h = _load_h(X, XB, R, rows64, cols, mask, col_mask, keep, stride_x, stride_r, dropout_scale,
                 HAS_XBIAS, HAS_RESIDUAL, HAS_DROPOUT)
     # two-pass statistics on the register-resident row: mean, then the variance of the centred values
@@ -136,7 +136,7 @@ def _layer_norm_bwd_kernel(
     DW_PART, DB_PART, DXB_PART,  # *[G, N] float32 out: per-program column sums (DXB_PART only if HAS_XBIAS)
     stride_dy, stride_x, stride_r, stride_dx, stride_dh,  # row strides in elements
     M, N,
-    seed, drop_threshold, dropout_scale,  # the forward's dropout, to regenerate the keep-mask
+    SEED, drop_threshold, dropout_scale,  # the forward's dropout (SEED: *int64), to regenerate the keep-mask
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_XBIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DH: tl.constexpr,
     REDRAW_KEEP: tl.constexpr,  # draw the keep-mask again for dx instead of holding it (widest rows: registers)
@@ -147,6 +147,7 @@ def _layer_norm_bwd_kernel(
     #   dresidual = dh;  dx = dh * keep * scale;  dx_bias = sum_rows dx
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -194,13 +195,13 @@ def _layer_norm_bwd_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(KEEP, M, N, seed, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(KEEP, M, N, SEED, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask (int8 0/1) the LayerNorm kernels use for (seed, p) on an [M, N] input."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     rows64 = rows.to(tl.int64)
-    keep = _dropout_keep(seed, rows64, tl.program_id(1) * BLOCK_N, N, drop_threshold, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), rows64, tl.program_id(1) * BLOCK_N, N, drop_threshold, BLOCK_N)
     tl.store(KEEP + rows64[:, None] * N + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
@@ -297,7 +298,7 @@ def _drop_threshold(p: float) -> int:
 
 
 def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=None, dropout_p: float = 0.0,
-                   seed: int = 0, out=None, mean=None, rstd=None):
+                   seed=0, out=None, mean=None, rstd=None):
     """y = LayerNorm(dropout(x + x_bias) + residual) over the last dim; returns (y, mean, rstd).
 
     x [..., N]; y has x's shape and dtype; mean / rstd are float32 [...]. `out` / `mean` / `rstd` may be given
@@ -321,14 +322,15 @@ def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=No
     with _launch.device_guard(x):
         _layer_norm_fwd_kernel[cfg["grid"]](
             x2, x_bias if x_bias is not None else x2, r2, weight, bias, y2, mean, rstd,
-            x2.stride(0), r2.stride(0), y2.stride(0), m, n, eps, int(seed), _drop_threshold(dropout_p),
+            x2.stride(0), r2.stride(0), y2.stride(0), m, n, eps, _launch.seed_tensor(seed, x.device),
+            _drop_threshold(dropout_p),
             _dropout_scale(dropout_p), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
             HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropout_p: float = 0.0, seed: int = 0,
+def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropout_p: float = 0.0, seed=0,
                    need_dresidual: bool = True, dx=None, dresidual=None):
     """Gradients of `layer_norm_fwd`: returns (dx, dresidual, dweight, dbias, dx_bias).
 
@@ -354,7 +356,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     tensors = (dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2)
     flags = dict(HAS_XBIAS=x_bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
                  STORE_DH=store_dh)
-    dropout_args = (int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p))
+    dropout_args = (_launch.seed_tensor(seed, x.device), _drop_threshold(dropout_p), _dropout_scale(dropout_p))
     dw_part, db_part, dxb_part = _run_bwd(tensors, dropout_args, flags, x_bias is not None)
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype)
@@ -394,7 +396,7 @@ def _run_bwd(tensors, dropout_args, flags, has_xbias):
     return parts[0], parts[1], parts[-1]
 
 
-def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:
+def dropout_keep_mask(seed, shape, dropout_p: float, device="cpu") -> torch.Tensor:
     """The bool keep-mask the LayerNorm kernels apply for this seed and p to an input of `shape` ([..., N]):
     element i of row r is kept iff Philox-uniform(seed, r * N + i) >= p. For tests and debugging."""
     shape = tuple(shape)
@@ -406,7 +408,8 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch
         bm, bn = 16, max(4, min(triton.next_power_of_2(n), 1024))
         with _launch.device_guard(keep):
             _dropout_mask_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-                keep, m, n, int(seed), _drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+                keep, m, n, _launch.seed_tensor(seed, keep.device), _drop_threshold(dropout_p), BLOCK_M=bm,
+                BLOCK_N=bn)
     keep = keep.bool().reshape(shape)
     return keep & (dropout_p < 1.0)  # p == 1 keeps nothing (the kernels zero everything through the scale)
 
@@ -448,7 +451,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                         "fn": _layer_norm_fwd_kernel,
                         "signature": {"X": ptr, "XB": "*fp32", "R": ptr, "W": "*fp32", "B": "*fp32", "Y": ptr,
                                       "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32",
-                                      "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32", "seed": "i32",
+                                      "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32", "SEED": "*i64",
                                       "drop_threshold": "i32", "dropout_scale": "fp32", "BLOCK_M": "constexpr",
                                       "BLOCK_N": "constexpr", "HAS_XBIAS": "constexpr",
                                       "HAS_RESIDUAL": "constexpr", "HAS_DROPOUT": "constexpr"},
@@ -464,7 +467,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                                       "RSTD": "*fp32", "DX": ptr, "DH": ptr, "DW_PART": "*fp32",
                                       "DB_PART": "*fp32", "DXB_PART": "*fp32", "stride_dy": "i32",
                                       "stride_x": "i32", "stride_r": "i32", "stride_dx": "i32", "stride_dh": "i32",
-                                      "M": "i32", "N": "i32", "seed": "i32", "drop_threshold": "i32",
+                                      "M": "i32", "N": "i32", "SEED": "*i64", "drop_threshold": "i32",
                                       "dropout_scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                                       "HAS_XBIAS": "constexpr", "HAS_RESIDUAL": "constexpr",
                                       "HAS_DROPOUT": "constexpr", "STORE_DH": "constexpr",

@@ -390,6 +390,53 @@ def test_dropout_same_seed_same_output_and_torch_seed_controls_it():
 
 
 @requires_triton
+def test_dropout_seed_lives_on_the_device_and_is_never_read_by_the_host():
+    """CUDA-graph readiness (issue 26): the seed is a tensor on the op's device drawn by a device op (randint), and
+    forward + backward never read it back to the host (no item / _local_scalar_dense: a captured graph would bake a
+    host value and replay the same mask). A step replayed with the very same host-side arguments but the device
+    seed advanced in place (what a graph replay's randint does) draws a different mask; restored, the same."""
+    dev = triton_device()
+    cu = torch.tensor([0, 9, 30], dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(30, 2, 16, device=dev, requires_grad=True) for _ in range(3))
+    with _OpLog() as log:
+        out = T.varlen_attention(q, k, v, cu, 21, 0.3)
+        out.sum().backward()
+    assert "randint" in log.ops and "attention_backward" in log.ops
+    assert not {"_local_scalar_dense", "item", "nonzero"} & set(log.ops), log.ops
+    seed = T.draw_seed(dev)
+    assert seed.device == q.device and seed.dtype == torch.int64
+    step_args = (q.detach(), k.detach(), v.detach(), None, cu, 21, 0.3, 0.25, seed)  # the captured host state
+    out1, _ = T.attention_op(*step_args)
+    saved = seed.clone()
+    seed.copy_(T.draw_seed(dev))  # the device state advances on the device
+    out2, _ = T.attention_op(*step_args)
+    seed.copy_(saved)
+    out3, _ = T.attention_op(*step_args)
+    assert not torch.equal(out1, out2) and torch.equal(out1, out3)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_draw_fresh_dropout_masks():
+    """A captured attention step replays with new masks (the seed comes from the CUDA generator's graph-safe state)."""
+    dev = torch.device("cuda")
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device=dev)
+    q = torch.randn(300, 4, 64, device=dev, dtype=torch.float16)
+    torch.manual_seed(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        T.varlen_attention(q, q, q, cu, 200, 0.2)  # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = T.varlen_attention(q, q, q, cu, 200, 0.2)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+
+
+@requires_triton
 def test_dropout_keep_rate_and_independence():
     p, b, h, s = 0.1, 1, 2, 200
     dev = triton_device()

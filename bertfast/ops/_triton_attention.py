@@ -15,9 +15,10 @@ unchanged; the unpacked one returns its three unbind views (one storage, no copy
 Padding rows (issue 31): in varlen, q, k, v may carry T >= cu_seqlens[-1] rows; rows past cu_seqlens[-1] are
 padding: their out rows are 0, lse +inf, dq/dk/dv rows 0, and no real row attends to them.
 
-Dropout: the seed is `_launch.draw_seed()`, a 0-dim int64 CPU tensor from torch's default generator (so
-`torch.manual_seed` makes runs reproducible; a tensor, not an int, so torch.compile traces the draw without a
-graph break). The keep mask of a seed is `dropout_keep_mask(...)`.
+Dropout: the seed is `_launch.draw_seed(q.device)`, a 0-dim int64 tensor on q's device drawn by that device's
+generator and read by the kernels from device memory (CUDA-graph ready: replays draw fresh masks; no host read;
+`torch.manual_seed` makes runs reproducible; a tensor, so torch.compile traces the draw without a graph break).
+The keep mask of a seed is `dropout_keep_mask(...)`.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ __all__ = ["attention", "varlen_attention", "varlen_attention_qkvpacked", "draw_
 def dropout_keep_mask(seed, dropout_p: float, batch: int, heads: int, max_seqlen: int, device="cpu") -> Tensor:
     """The kernels' keep mask for `seed` (int or draw_seed() tensor): bool [batch, heads, max_seqlen, max_seqlen],
     [b, h, i, j] = query i, key j (positions inside sequence b). For tests at small sizes."""
-    return _k.dropout_keep_mask(_launch.seed_value(seed), dropout_p, batch, heads, max_seqlen, device=device)
+    return _k.dropout_keep_mask(seed, dropout_p, batch, heads, max_seqlen, device=device)
 
 
 @torch.library.custom_op("bertfast::attention", mutates_args=())
@@ -46,7 +47,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
                seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _k.attention_forward(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
                                 max_seqlen=max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                                seed=_launch.seed_value(seed))
+                                seed=seed)
 
 
 @attention_op.register_fake
@@ -73,7 +74,7 @@ def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     dqkv = torch.empty(_packed_shape(q), dtype=q.dtype, device=q.device)
     _k.attention_backward(dout, q, k, v, out, lse, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
                           max_seqlen=max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                          seed=_launch.seed_value(seed), dqkv=dqkv)
+                          seed=seed, dqkv=dqkv)
     return dqkv
 
 
@@ -126,7 +127,7 @@ def attention_qkvpacked_op(qkv: Tensor, key_padding_mask: Optional[Tensor], cu_s
     q, k, v = qkv.unbind(-3)
     return _k.attention_forward(q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
                                 max_seqlen=max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                                seed=_launch.seed_value(seed))
+                                seed=seed)
 
 
 @attention_qkvpacked_op.register_fake
@@ -167,7 +168,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = key_padding_mask.to(torch.bool)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, _ = attention_op(q, k, v, key_padding_mask, None, q.shape[1], float(dropout_p), _scale(q, softmax_scale),
                         seed)
     return out
@@ -183,7 +184,7 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen: int, dropout_p: floa
         raise ValueError(f"qkv must be [total_tokens, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
     if cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, _ = attention_qkvpacked_op(qkv, None, cu_seqlens, int(max_seqlen), float(dropout_p),
                                     _scale(qkv, softmax_scale), seed)
     return out
@@ -198,7 +199,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, _ = attention_op(q, k, v, None, cu_seqlens, int(max_seqlen), float(dropout_p), _scale(q, softmax_scale),
                         seed)
     return out
