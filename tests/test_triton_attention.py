@@ -380,9 +380,9 @@ def test_dropout_same_seed_same_output_and_torch_seed_controls_it():
     o3 = T.attention(q, k, v, mask, 0.2)  # the generator moved on: a different mask
     assert torch.equal(o1, o2)
     assert not torch.equal(o1, o3)
-    # the op's seed is draw_seed() after torch.manual_seed: the helper's mask reproduces its output exactly
+    # the op's seed is draw_seed(q.device) after torch.manual_seed: the helper's mask reproduces its output exactly
     torch.manual_seed(3)
-    keep = T.dropout_keep_mask(T.draw_seed(), 0.2, b, h, s, device=dev)
+    keep = T.dropout_keep_mask(T.draw_seed(dev), 0.2, b, h, s, device=dev)
     ref = ref_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d), keep, 0.2)
     torch.testing.assert_close(o1.double(), ref, **_tol32())
     no_drop = ref_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d))
@@ -467,7 +467,7 @@ def test_opcheck():
     q, k, v = (t.detach().requires_grad_() for t in _fused_qkv(b, s, h, d, torch.float32, dev))
     mask = _mask(torch.tensor([4, 9]), s, dev)
     fwd = torch.ops.bertfast.attention.default
-    torch.library.opcheck(fwd, (q, k, v, mask, None, s, 0.1, 0.3, T.draw_seed()))
+    torch.library.opcheck(fwd, (q, k, v, mask, None, s, 0.1, 0.3, T.draw_seed(dev)))
     layout = padding.layout_from_mask(mask)
     ql, kl, vl = (layout.unpad(t.detach()).requires_grad_() for t in (q, k, v))
     torch.library.opcheck(fwd, (ql, kl, vl, None, layout.cu_seqlens, s, 0.0, 0.3, None))

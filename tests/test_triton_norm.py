@@ -84,7 +84,7 @@ def check_layer_norm(shape, dtype, atol, rtol, residual, x_bias, p, param_dtype=
     keep = None
     torch.manual_seed(1234)
     if p > 0:
-        keep = tn.dropout_keep_mask(tn.draw_seed(), shape, p, DEVICE)
+        keep = tn.dropout_keep_mask(tn.draw_seed(DEVICE), shape, p, DEVICE)
         torch.manual_seed(1234)  # layer_norm draws the same seed again
 
     ours = leaves(inputs)
@@ -449,7 +449,7 @@ def test_bias_gelu_launchers_write_every_element():
 # ---------------------------------------------------------------------------------------------------------------
 def test_opcheck_layer_norm():
     x, w, b, r, xb = make_ln_inputs((3, 5, 40), torch.float32, True, True)
-    seed = torch.tensor(99, dtype=torch.int64)  # draw_seed()'s contract: a 0-dim int64 CPU tensor
+    seed = torch.tensor(99, dtype=torch.int64, device=DEVICE)  # draw_seed()'s contract: 0-dim int64 on x's device
     args = [t.requires_grad_() for t in (x, w, b, r, xb)]
     torch.library.opcheck(torch.ops.bertfast.layer_norm.default,
                           (*args[:3], args[3], args[4], seed, EPS, 0.1))
