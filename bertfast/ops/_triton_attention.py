@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bertfast.kernels import _launch
 from bertfast.kernels import attention as _k
 from bertfast.kernels._launch import draw_seed
 

@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bertfast.kernels import _launch
 from bertfast.kernels import layer_norm as _ln
 from bertfast.kernels._launch import draw_seed
 
