@@ -41,6 +41,7 @@ import tempfile
 import time
 from typing import Any
 
+from bertfast.kernels._launch import MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM, REGS_PER_SM, SMEM_PER_SM
 from bertfast.ops._registry import KERNEL_MODULES
 
 # KERNEL_MODULES: the kernel modules (in bertfast.kernels) that provide gpu_compile_cases, from the op registry
@@ -51,10 +52,7 @@ from bertfast.ops._registry import KERNEL_MODULES
 # CUDA C Programming Guide, "Technical Specifications per Compute Capability".
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Shared memory per SM (what occupancy divides): sm_80 164 KiB, sm_90 228 KiB; 1 KiB of it is reserved per block.
-SMEM_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
-REGS_PER_SM = 65536
-MAX_WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
-MAX_BLOCKS_PER_SM = {80: 32, 86: 16, 89: 24, 90: 32}
+# One table for the report and the launchers' persistent grids (`_launch.blocks_per_sm` / `kernel_occupancy`).
 
 REQUIRED_KEYS = ("name", "fn", "signature", "constexprs", "num_warps", "num_stages", "uses_mma", "bytes", "flops")
 
@@ -215,7 +213,9 @@ def cubin_inspect(cubin: bytes, workdir: str) -> dict[str, Any]:
 
 
 def blocks_per_sm(capability: int, registers: int, num_warps: int, shared: int) -> int:
-    """Resident blocks per SM allowed by registers (allocated per warp in units of 256), shared memory and warps."""
+    """Resident blocks per SM allowed by registers (allocated per warp in units of 256), shared memory and warps;
+    0 when one block does not fit. The launchers' `_launch.blocks_per_sm` is the same rule (at least 1): the
+    report's column is the occupancy a persistent grid (layer_norm / bias_gelu backward) is sized with on a GPU."""
     regs_per_warp = -(-registers * 32 // 256) * 256
     by_regs = REGS_PER_SM // max(1, regs_per_warp * num_warps)
     by_warps = MAX_WARPS_PER_SM.get(capability, 64) // num_warps

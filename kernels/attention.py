@@ -127,7 +127,7 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh,   # LSE strides over batch and head (row stride is 1)
     stride_mb,
     n_heads, max_seqlen,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, SEED,   # SEED: *int64 (0-dim) Philox seed, read on the device (CUDA-graph safe)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
@@ -136,6 +136,7 @@ def _attn_fwd_kernel(
     if IS_VARLEN:
         if pid_m * BLOCK_M >= seqlen:
             return
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
     k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
     v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
@@ -234,7 +235,7 @@ def _attn_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_mb,
     n_heads, max_seqlen,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, SEED,   # SEED: *int64 (0-dim) Philox seed, read on the device (CUDA-graph safe)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
@@ -244,6 +245,7 @@ def _attn_bwd_dkdv_kernel(
     if IS_VARLEN:
         if pid_n * BLOCK_N >= seqlen:
             return
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
     k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
     v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
@@ -313,7 +315,7 @@ def _attn_bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_mb,
     n_heads, max_seqlen,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, SEED,   # SEED: *int64 (0-dim) Philox seed, read on the device (CUDA-graph safe)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for float32 operands: "tf32" or "ieee" (see dot_precision)
@@ -323,6 +325,7 @@ def _attn_bwd_dq_kernel(
     if IS_VARLEN:
         if pid_m * BLOCK_M >= seqlen:
             return
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     q_base = _row0(Q, b64, start64, h, stride_qb, stride_qs, stride_qh)
     k_base = _row0(K, b64, start64, h, stride_kb, stride_ks, stride_kh)
     v_base = _row0(V, b64, start64, h, stride_vb, stride_vs, stride_vh)
@@ -369,13 +372,37 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _zero_tail_kernel(
+    PTR,              # a [rows, A, B] tensor (any strides): out [T, H, D], lse [H, T] seen as [T, H, 1], dqkv
+    SEQ,              # int32 cu_seqlens [batch + 1]: rows >= SEQ[n_seqs] are padding
+    n_seqs, n_rows, A, B,
+    stride_t, stride_a, stride_b,
+    value,            # what a padding row holds (0.0; +inf for lse)
+    BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Writes `value` into every row t >= cu_seqlens[-1] of PTR (the padding rows of a bucket-padded varlen
+    batch, issue 31); programs whose row block lies below cu_seqlens[-1] return at once. Grid: (row blocks,
+    column blocks of the A * B columns)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    end = tl.load(SEQ + n_seqs)
+    if tl.program_id(0) * BLOCK_T + BLOCK_T <= end:
+        return
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    col_off = (w // B).to(tl.int64) * stride_a + (w % B).to(tl.int64) * stride_b
+    msk = ((rows >= end) & (rows < n_rows))[:, None] & (w < A * B)[None, :]
+    vals = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32) + value
+    tl.store(PTR + rows.to(tl.int64)[:, None] * stride_t + col_off[None, :], vals.to(PTR.dtype.element_ty), mask=msk)
+
+
+@triton.jit
 def _dropout_mask_kernel(
     OUT,              # uint8 [batch * heads, max_seqlen, max_seqlen], 1 = kept
-    max_seqlen, dropout_p, seed,
+    max_seqlen, dropout_p, SEED,
     BLOCK: tl.constexpr,
 ):
     pid_m, bh = _block_and_head(max_seqlen, BLOCK)
     pid_n = tl.program_id(1)
+    seed = tl.load(SEED)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], max_seqlen, dropout_p)
@@ -556,13 +583,36 @@ def _seq_info(q, key_padding_mask, cu_seqlens, max_seqlen):
     return False, b, s, extent.to(torch.int32).contiguous(), mask.view(torch.uint8)
 
 
+def fill_padding_rows(t: torch.Tensor, seq: torch.Tensor, value: float = 0.0) -> None:
+    """Writes `value` into the rows t >= cu_seqlens[-1] (= seq[-1], read on the device: no host sync) of the varlen
+    tensor t ([T, H, D] or [T, H, 1]-like views, any strides): the padding rows of a bucket-padded batch. One
+    launch whose programs below cu_seqlens[-1] return at once."""
+    n_rows = t.shape[0]
+    if t.numel() == 0:
+        return
+    t3 = t.unsqueeze(-1) if t.dim() == 2 else t  # [T, H] -> [T, H, 1], a view
+    rows, a, b = t3.shape
+    width = a * b
+    block_w = min(1024, triton.next_power_of_2(width))
+    block_t = max(1, min(64, 4096 // block_w))
+    grid = (triton.cdiv(rows, block_t), triton.cdiv(width, block_w))
+    with _launch.device_guard(t):
+        _zero_tail_kernel[grid](t3, seq, seq.numel() - 1, rows, a, b, *t3.stride(), float(value),
+                                BLOCK_T=block_t, BLOCK_W=block_w)
+
+
 def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
-                      dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
+                      dropout_p: float = 0.0, softmax_scale: float | None = None, seed=0,
                       out=None, lse=None):
     """Fused attention forward. Padded (q [B, S, H, D] + optional bool key_padding_mask [B, S]) or varlen
     (q [T, H, D] + cu_seqlens int32 [B + 1] + max_seqlen). Returns (out like q, contiguous; lse float32
     [B, H, S] padded or [H, T] varlen, natural log, +inf at padded rows). `out`/`lse` may be given (tests
-    pass NaN-filled buffers to prove every element is written)."""
+    pass NaN-filled buffers to prove every element is written).
+
+    Varlen padding rows (issue 31): q, k, v may have T >= cu_seqlens[-1] rows; rows t >= cu_seqlens[-1] belong
+    to no sequence: no real row attends to them, their out rows are 0 and their lse is +inf (the value padded
+    query rows already have: the backward's P = exp(S - lse) is then exactly 0 there, and +inf never enters an
+    output or a gradient)."""
     varlen = cu_seqlens is not None
     _check_inputs(q, k, v, varlen)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -586,17 +636,44 @@ def attention_forward(q, k, v, *, key_padding_mask=None, cu_seqlens=None, max_se
             q, k, v, out, lse, mask if mask is not None else seq, seq,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
             *lse_strides, mask.stride(0) if mask is not None else 0,
-            heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed),
+            heads, max_seqlen, float(softmax_scale), float(dropout_p), _launch.seed_tensor(seed, q.device),
             HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             IS_VARLEN=varlen, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
             INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if varlen:
+        fill_padding_rows(out, seq, 0.0)
+        fill_padding_rows(lse.t(), seq, float("inf"))
     return out, lse
 
 
+def _grad_buffers(q, dq, dk, dv, dqkv):
+    """(dq, dk, dv, dqkv) to write into. Unless the caller gives dq/dk/dv, they are the views dqkv.unbind(-3) of
+    ONE [..., 3, heads, head_dim] buffer (given, or new), the layout of the fused QKV projection's output
+    (bert.py views it as [T, 3, H, D]), so its gradient needs no stack / cat copy (issue 26)."""
+    if dq is None and dk is None and dv is None:
+        shape = tuple(q.shape[:-2]) + (3,) + tuple(q.shape[-2:])
+        if dqkv is None:
+            dqkv = torch.empty(shape, dtype=q.dtype, device=q.device)
+        elif tuple(dqkv.shape) != shape or dqkv.dtype != q.dtype or not dqkv.is_contiguous():
+            raise ValueError(f"dqkv must be contiguous {shape} of dtype {q.dtype}, got {tuple(dqkv.shape)} "
+                             f"{dqkv.dtype}")
+        return dqkv.unbind(-3) + (dqkv,)
+    if dqkv is not None:
+        raise ValueError("give either dqkv or dq/dk/dv, not both")
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    if dk is None and dv is None:
+        # dK and dV share one allocation so the kernel has one set of strides for both
+        dkv = torch.empty((2,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+        dk, dv = dkv[0], dkv[1]
+    return dq, dk, dv, None
+
+
 def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
-                       dropout_p: float = 0.0, softmax_scale: float | None = None, seed: int = 0,
-                       dq=None, dk=None, dv=None):
-    """Gradients (dq, dk, dv) of attention_forward, given its out and lse and the same arguments."""
+                       dropout_p: float = 0.0, softmax_scale: float | None = None, seed=0,
+                       dq=None, dk=None, dv=None, dqkv=None):
+    """Gradients (dq, dk, dv) of attention_forward, given its out and lse and the same arguments. Without
+    dq/dk/dv given they are views of one [..., 3, heads, head_dim] buffer, `dqkv` or a new one (`_grad_buffers`).
+    Varlen padding rows (t >= cu_seqlens[-1]) get exact zeros in dq, dk and dv."""
     varlen = cu_seqlens is not None
     _check_inputs(q, k, v, varlen)
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
@@ -604,11 +681,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqle
     heads, head_dim = q.shape[-2], q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    if dk is None and dv is None:
-        # dK and dV share one allocation so the kernel has one set of strides for both
-        dkv = torch.empty((2,) + tuple(q.shape), dtype=q.dtype, device=q.device)
-        dk, dv = dkv[0], dkv[1]
+    dq, dk, dv, dqkv = _grad_buffers(q, dq, dk, dv, dqkv)
     if dk.stride() != dv.stride():
         raise ValueError("dk and dv must have the same strides")
     if batch == 0 or q.numel() == 0:
@@ -629,7 +702,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqle
             num_stages=cfg["num_stages"], **common)
 
         flags = dict(common, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision)
-        scalars = (heads, max_seqlen, float(softmax_scale), float(dropout_p), int(seed))
+        scalars = (heads, max_seqlen, float(softmax_scale), float(dropout_p), _launch.seed_tensor(seed, q.device))
         cfg = attention_config("bwd_dkdv", head_dim, q.dtype, cap, precision)
         _attn_bwd_dkdv_kernel[launch_grid(max_seqlen, cfg["BLOCK_N"], batch, heads)](
             q, k, v, do, dk, dv, lse, delta, mask_arg, seq,
@@ -645,10 +718,22 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, cu_seqle
             *_strides4(dq, varlen), *lse_strides, mask_stride, *scalars,
             BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    if varlen:
+        _zero_padding_grads(seq, dq, dk, dv, dqkv)
     return dq, dk, dv
 
 
-def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_seqlen: int,
+def _zero_padding_grads(seq, dq, dk, dv, dqkv):
+    """Zeros in the padding rows of dq, dk, dv: one launch over the packed [T, 3 * H, D] buffer when they are its
+    views (the default), else one launch each."""
+    if dqkv is not None:
+        fill_padding_rows(dqkv.view(dqkv.shape[0], -1, dqkv.shape[-1]), seq, 0.0)
+        return
+    for t in (dq, dk, dv):
+        fill_padding_rows(t, seq, 0.0)
+
+
+def dropout_keep_mask(seed, dropout_p: float, batch: int, heads: int, max_seqlen: int,
                       device="cpu") -> torch.Tensor:
     """The keep mask the kernels draw for (seed, dropout_p): bool [batch, heads, max_seqlen, max_seqlen],
     True = kept; element [b, h, i, j] is query i, key j of sequence b (its local positions, padded or varlen).
@@ -660,7 +745,7 @@ def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, max_s
     _launch.check_runnable(out, "dropout_keep_mask")
     with _launch.device_guard(out):
         _dropout_mask_kernel[dropout_mask_grid(max_seqlen, block, batch, heads)](
-            out, max_seqlen, float(dropout_p), int(seed), BLOCK=block)
+            out, max_seqlen, float(dropout_p), _launch.seed_tensor(seed, out.device), BLOCK=block)
     return out.view(batch, heads, max_seqlen, max_seqlen).to(torch.bool)
 
 
@@ -716,6 +801,29 @@ def gpu_compile_cases(capability: int) -> list[dict]:
                     if precision == "ieee":
                         case["input_precision"] = "ieee"
                     cases.append(case)
+    return cases + _tail_fill_cases(B * S, H)
+
+
+def _tail_fill_cases(tokens: int, heads: int) -> list[dict]:
+    """`_zero_tail_kernel` as `fill_padding_rows` launches it at these shapes: out [T, H, D] per dtype, the packed
+    dq/dk/dv [T, 3 * H, D] per dtype, lse [T, H, 1] float32 (bytes: the worst case, every row padding)."""
+    cases = []
+    shapes = [(ty, (heads, d), f"{ty}_d{d}") for ty in ("fp16", "bf16", "fp32") for d in (64,)]
+    shapes += [(ty, (3 * heads, 64), f"{ty}_dqkv_d64") for ty in ("fp16", "bf16", "fp32")]
+    shapes.append(("fp32", (heads, 1), "lse"))
+    for ty, (a, b), tag in shapes:
+        width = a * b
+        block_w = min(1024, triton.next_power_of_2(width))
+        block_t = max(1, min(64, 4096 // block_w))
+        sig = {"PTR": "*" + ty, "SEQ": "*i32", "n_seqs": "i32", "n_rows": "i32", "A": "i32", "B": "i32",
+               "stride_t": "i32", "stride_a": "i32", "stride_b": "i32", "value": "fp32",
+               "BLOCK_T": "constexpr", "BLOCK_W": "constexpr"}
+        es = {"fp16": 2, "bf16": 2, "fp32": 4}[ty]
+        cases.append({"name": f"attention_zero_tail_{tag}", "fn": _zero_tail_kernel, "signature": sig,
+                      "constexprs": {"BLOCK_T": block_t, "BLOCK_W": block_w}, "dtype": ty,
+                      "attrs": _launch.divisibility_attrs(_zero_tail_kernel, sig, {"n_rows": tokens,
+                                                                                   "stride_t": width}),
+                      "num_warps": 4, "num_stages": 1, "uses_mma": False, "bytes": tokens * width * es, "flops": 0})
     return cases
 
 
@@ -727,7 +835,7 @@ def _signature(fn, ty: str, head_dim: int, cfg: dict, flags: dict):
     for k, val in flags.items():
         if k in fn.arg_names:
             consts[k] = val
-    pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "SEQ": "*i32"}
+    pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "SEQ": "*i32", "SEED": "*i64"}
     sig = {}
     for name in fn.arg_names:
         if name in consts:

@@ -102,14 +102,19 @@ def fwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 
 
 def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 90,
-               num_sms: int | None = None) -> dict:
-    """Launch settings of `_bias_gelu_bwd_kernel`: a persistent grid of (row programs, column blocks) with about
-    4 programs per SM (`num_sms` defaults to the usual card of that capability); each row program loops over row
-    tiles and leaves one float32 row of d_bias partial sums."""
+               num_sms: int | None = None, resident_per_sm: int | None = None) -> dict:
+    """Launch settings of `_bias_gelu_bwd_kernel`: a persistent grid of (row programs, column blocks), one full
+    wave: `num_sms` (default: the usual card of that capability) x `resident_per_sm` blocks in all, the kernel's
+    occupancy from its compiled registers and shared memory (`_launch.kernel_occupancy`, which the launcher
+    passes on a GPU); unknown (None), the warps-only bound `blocks_per_sm(capability, None, num_warps)`. Each row
+    program loops over row tiles and leaves one float32 row of d_bias partial sums."""
     block_m, block_n, num_warps = _tile(n_rows, n_cols)
     col_blocks = triton.cdiv(n_cols, block_n)
     sms = num_sms or DEFAULT_SMS.get(capability, 108)
-    row_programs = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(4 * sms, col_blocks)))
+    if resident_per_sm is None:
+        resident_per_sm = _launch.blocks_per_sm(capability, None, num_warps)
+    wave = _launch.persistent_programs(triton.cdiv(n_rows, block_m) * col_blocks, sms, resident_per_sm)
+    row_programs = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(wave, col_blocks)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
             "grid": (row_programs, col_blocks)}
 
@@ -164,12 +169,28 @@ def bias_gelu_bwd(dy, x, bias, dx=None):
     dx2 = dx.view(m, n)
     cap, sms = device_info(x)
     cfg = bwd_config(m, n, x.dtype, cap, sms)
-    db_part = torch.empty((cfg["grid"][0], n), dtype=torch.float32, device=x.device)
     with _launch.device_guard(x):
+        resident = _bwd_occupancy(cfg, (dy2, x2, bias, dx2), m, n, cap)
+        if resident is not None:
+            cfg = bwd_config(m, n, x.dtype, cap, sms, resident)
+        db_part = torch.empty((cfg["grid"][0], n), dtype=torch.float32, device=x.device)
         _bias_gelu_bwd_kernel[cfg["grid"]](dy2, x2, bias, dx2, db_part, dy2.stride(0), x2.stride(0),
                                            dx2.stride(0), m, n, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx, db_part.sum(0).to(bias.dtype)
+
+
+def _bwd_occupancy(cfg, tensors, m, n, cap) -> int | None:
+    """The backward kernel's resident blocks per SM at cfg's constexprs (None off CUDA): compiled, not launched,
+    once per configuration (a [1, N] stand-in for the d_bias partials: only its dtype and alignment matter)."""
+    dy2, x2, bias, dx2 = tensors
+    if x2.device.type != "cuda":
+        return None
+    probe = torch.empty((1, n), dtype=torch.float32, device=x2.device)
+    return _launch.kernel_occupancy(
+        _bias_gelu_bwd_kernel, (dy2, x2, bias, dx2, probe, dy2.stride(0), x2.stride(0), dx2.stride(0), m, n),
+        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+             num_stages=cfg["num_stages"]), x2.device, cap)
 
 
 # ----------------------------------------------------------------------------------------------------------------

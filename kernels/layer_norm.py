@@ -91,7 +91,7 @@ def _layer_norm_fwd_kernel(
     stride_x, stride_r, stride_y,  # row strides in elements (the last dim is contiguous)
     M, N,  # rows, row width
     eps,  # LayerNorm epsilon
-    seed,  # Philox seed of the dropout mask
+    SEED,  # *int64 (0-dim): Philox seed of the dropout mask, read on the device (CUDA-graph safe)
     drop_threshold,  # round(dropout_p * 2**31): see _dropout_keep
     dropout_scale,  # 1 / (1 - dropout_p) (0 when p == 1)
     BLOCK_M: tl.constexpr,  # rows per program
@@ -108,7 +108,7 @@ def _layer_norm_fwd_kernel(
 
     keep = mask
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rows64, 0, N, drop_threshold, BLOCK_N)
+        keep = _dropout_keep(tl.load(SEED), rows64, 0, N, drop_threshold, BLOCK_N)
     h = _load_h(X, XB, R, rows64, cols, mask, col_mask, keep, stride_x, stride_r, dropout_scale,
                 HAS_XBIAS, HAS_RESIDUAL, HAS_DROPOUT)
     # two-pass statistics on the register-resident row: mean, then the variance of the centred values
@@ -136,7 +136,7 @@ def _layer_norm_bwd_kernel(
     DW_PART, DB_PART, DXB_PART,  # *[G, N] float32 out: per-program column sums (DXB_PART only if HAS_XBIAS)
     stride_dy, stride_x, stride_r, stride_dx, stride_dh,  # row strides in elements
     M, N,
-    seed, drop_threshold, dropout_scale,  # the forward's dropout, to regenerate the keep-mask
+    SEED, drop_threshold, dropout_scale,  # the forward's dropout (SEED: *int64), to regenerate the keep-mask
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_XBIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DH: tl.constexpr,
     REDRAW_KEEP: tl.constexpr,  # draw the keep-mask again for dx instead of holding it (widest rows: registers)
@@ -147,6 +147,7 @@ def _layer_norm_bwd_kernel(
     #   dresidual = dh;  dx = dh * keep * scale;  dx_bias = sum_rows dx
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -194,13 +195,13 @@ def _layer_norm_bwd_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(KEEP, M, N, seed, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(KEEP, M, N, SEED, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask (int8 0/1) the LayerNorm kernels use for (seed, p) on an [M, N] input."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     rows64 = rows.to(tl.int64)
-    keep = _dropout_keep(seed, rows64, tl.program_id(1) * BLOCK_N, N, drop_threshold, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), rows64, tl.program_id(1) * BLOCK_N, N, drop_threshold, BLOCK_N)
     tl.store(KEEP + rows64[:, None] * N + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
@@ -236,10 +237,12 @@ def fwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
 
 
 def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 90,
-               num_sms: int | None = None, dropout: bool = False) -> dict:
+               num_sms: int | None = None, dropout: bool = False, resident_per_sm: int | None = None) -> dict:
     """Launch settings of `_layer_norm_bwd_kernel`: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "grid"}.
-    The grid is persistent: at most a few programs per SM (`num_sms` defaults to the usual card of that
-    capability), each looping over row tiles; the [grid, N] float32 partial sums are reduced afterwards."""
+    The grid is persistent, one full wave: `num_sms` (default: the usual card of that capability) x
+    `resident_per_sm` programs, the kernel's occupancy from its compiled registers and shared memory
+    (`_launch.kernel_occupancy`, passed by the launcher on a GPU; None: the warps-only bound), each looping over
+    row tiles; the [grid, N] float32 partial sums are reduced afterwards."""
     block_n = _block_n(n_cols)
     block_m, num_warps = _tile(n_rows, block_n, 2048)
     # At N = 8192 the three float32 column accumulators plus the row's working set sit at the 128-register
@@ -251,8 +254,9 @@ def bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, capability: int = 9
     if block_n >= 8192 and not dropout:
         num_warps = 32
     sms = num_sms or DEFAULT_SMS.get(capability, 108)
-    per_sm = max(1, 2048 // (32 * num_warps))  # resident programs per SM by threads (2048 threads / SM)
-    programs = max(1, min(triton.cdiv(n_rows, block_m), sms * min(per_sm, 4)))
+    if resident_per_sm is None:
+        resident_per_sm = _launch.blocks_per_sm(capability, None, num_warps)
+    programs = _launch.persistent_programs(triton.cdiv(n_rows, block_m), sms, resident_per_sm)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1,
             "grid": (programs,), "REDRAW_KEEP": redraw_keep}
 
@@ -294,7 +298,7 @@ def _drop_threshold(p: float) -> int:
 
 
 def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=None, dropout_p: float = 0.0,
-                   seed: int = 0, out=None, mean=None, rstd=None):
+                   seed=0, out=None, mean=None, rstd=None):
     """y = LayerNorm(dropout(x + x_bias) + residual) over the last dim; returns (y, mean, rstd).
 
     x [..., N]; y has x's shape and dtype; mean / rstd are float32 [...]. `out` / `mean` / `rstd` may be given
@@ -318,14 +322,15 @@ def layer_norm_fwd(x, weight, bias, eps: float = 1e-12, residual=None, x_bias=No
     with _launch.device_guard(x):
         _layer_norm_fwd_kernel[cfg["grid"]](
             x2, x_bias if x_bias is not None else x2, r2, weight, bias, y2, mean, rstd,
-            x2.stride(0), r2.stride(0), y2.stride(0), m, n, eps, int(seed), _drop_threshold(dropout_p),
+            x2.stride(0), r2.stride(0), y2.stride(0), m, n, eps, _launch.seed_tensor(seed, x.device),
+            _drop_threshold(dropout_p),
             _dropout_scale(dropout_p), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
             HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropout_p: float = 0.0, seed: int = 0,
+def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropout_p: float = 0.0, seed=0,
                    need_dresidual: bool = True, dx=None, dresidual=None):
     """Gradients of `layer_norm_fwd`: returns (dx, dresidual, dweight, dbias, dx_bias).
 
@@ -346,24 +351,13 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     dh = None
     if store_dh:
         dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dresidual is None else dresidual
-    cap, sms = device_info(x)
-    cfg = bwd_config(m, n, x.dtype, cap, sms, dropout=has_dropout)
-    g = cfg["grid"][0] if m > 0 else 0
-    dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    dxb_part = torch.empty((g, n), dtype=torch.float32, device=x.device) if x_bias is not None else dw_part
-    if m > 0:
-        dx2 = dx.view(m, n)
-        dh2 = dh.view(m, n) if dh is not None else dx2
-        with _launch.device_guard(x):
-            _layer_norm_bwd_kernel[cfg["grid"]](
-                dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2,
-                dw_part, db_part, dxb_part,
-                dy2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dh2.stride(0), m, n,
-                int(seed), _drop_threshold(dropout_p), _dropout_scale(dropout_p),
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_XBIAS=x_bias is not None,
-                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_DH=store_dh,
-                REDRAW_KEEP=cfg["REDRAW_KEEP"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dx2 = dx.view(m, n)
+    dh2 = dh.view(m, n) if dh is not None else dx2
+    tensors = (dy2, x2, x_bias if x_bias is not None else x2, r2, weight, mean, rstd, dx2, dh2)
+    flags = dict(HAS_XBIAS=x_bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
+                 STORE_DH=store_dh)
+    dropout_args = (_launch.seed_tensor(seed, x.device), _drop_threshold(dropout_p), _dropout_scale(dropout_p))
+    dw_part, db_part, dxb_part = _run_bwd(tensors, dropout_args, flags, x_bias is not None)
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(weight.dtype)
     dx_bias = dxb_part.sum(0).to(x_bias.dtype) if x_bias is not None else None
@@ -376,7 +370,33 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, residual=None, x_bias=None, dropou
     return dx, dres, dweight, dbias, dx_bias
 
 
-def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:
+def _run_bwd(tensors, dropout_args, flags, has_xbias):
+    """Launches `_layer_norm_bwd_kernel` on (dy2, x2, xb, r2, weight, mean, rstd, dx2, dh2) over its persistent grid
+    (sized from the compiled kernel's occupancy on a GPU) and returns the [G, N] float32 partial sums (dw, db, dxb;
+    dxb is dw's buffer when there is no x_bias)."""
+    dy2, x2, _, r2, _, _, _, dx2, dh2 = tensors
+    m, n = x2.shape
+    cap, sms = device_info(x2)
+    cfg = bwd_config(m, n, x2.dtype, cap, sms, dropout=flags["HAS_DROPOUT"])
+    strides = (dy2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dh2.stride(0), m, n)
+    consts = dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], REDRAW_KEEP=cfg["REDRAW_KEEP"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with _launch.device_guard(x2):
+        if m > 0 and x2.device.type == "cuda":
+            probe = torch.empty((1, n), dtype=torch.float32, device=x2.device)
+            resident = _launch.kernel_occupancy(_layer_norm_bwd_kernel, tensors + (probe,) * 3 + strides
+                                                + dropout_args, consts, x2.device, cap)
+            if resident is not None:
+                cfg = bwd_config(m, n, x2.dtype, cap, sms, dropout=flags["HAS_DROPOUT"], resident_per_sm=resident)
+        g = cfg["grid"][0] if m > 0 else 0
+        parts = [torch.empty((g, n), dtype=torch.float32, device=x2.device) for _ in range(3 if has_xbias else 2)]
+        if m > 0:
+            _layer_norm_bwd_kernel[cfg["grid"]](*tensors, parts[0], parts[1], parts[-1], *strides, *dropout_args,
+                                                **consts)
+    return parts[0], parts[1], parts[-1]
+
+
+def dropout_keep_mask(seed, shape, dropout_p: float, device="cpu") -> torch.Tensor:
     """The bool keep-mask the LayerNorm kernels apply for this seed and p to an input of `shape` ([..., N]):
     element i of row r is kept iff Philox-uniform(seed, r * N + i) >= p. For tests and debugging."""
     shape = tuple(shape)
@@ -388,7 +408,8 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch
         bm, bn = 16, max(4, min(triton.next_power_of_2(n), 1024))
         with _launch.device_guard(keep):
             _dropout_mask_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-                keep, m, n, int(seed), _drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+                keep, m, n, _launch.seed_tensor(seed, keep.device), _drop_threshold(dropout_p), BLOCK_M=bm,
+                BLOCK_N=bn)
     keep = keep.bool().reshape(shape)
     return keep & (dropout_p < 1.0)  # p == 1 keeps nothing (the kernels zero everything through the scale)
 
@@ -430,7 +451,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                         "fn": _layer_norm_fwd_kernel,
                         "signature": {"X": ptr, "XB": "*fp32", "R": ptr, "W": "*fp32", "B": "*fp32", "Y": ptr,
                                       "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32",
-                                      "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32", "seed": "i32",
+                                      "stride_y": "i32", "M": "i32", "N": "i32", "eps": "fp32", "SEED": "*i64",
                                       "drop_threshold": "i32", "dropout_scale": "fp32", "BLOCK_M": "constexpr",
                                       "BLOCK_N": "constexpr", "HAS_XBIAS": "constexpr",
                                       "HAS_RESIDUAL": "constexpr", "HAS_DROPOUT": "constexpr"},
@@ -446,7 +467,7 @@ def gpu_compile_cases(capability: int, widths=_BERT_WIDTHS, rows=_BERT_ROWS) -> 
                                       "RSTD": "*fp32", "DX": ptr, "DH": ptr, "DW_PART": "*fp32",
                                       "DB_PART": "*fp32", "DXB_PART": "*fp32", "stride_dy": "i32",
                                       "stride_x": "i32", "stride_r": "i32", "stride_dx": "i32", "stride_dh": "i32",
-                                      "M": "i32", "N": "i32", "seed": "i32", "drop_threshold": "i32",
+                                      "M": "i32", "N": "i32", "SEED": "*i64", "drop_threshold": "i32",
                                       "dropout_scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                                       "HAS_XBIAS": "constexpr", "HAS_RESIDUAL": "constexpr",
                                       "HAS_DROPOUT": "constexpr", "STORE_DH": "constexpr",

@@ -8,12 +8,20 @@ import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from _utils import LaunchRecorder, assert_close, nan_like, requires_triton, triton_device
 
 from bertfast import ops, padding, reference
 from bertfast.kernels import attention as K
 from bertfast.ops import _triton_attention as T
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_memory(nan_empty):
+    """Every test here runs with uninitialised memory NaN-filled (torch.use_deterministic_algorithms +
+    fill_uninitialized_memory: torch.empty returns NaN), so any element a kernel fails to write fails a test."""
+    yield
 
 
 def _tol32():
@@ -214,6 +222,139 @@ def test_varlen_matches_project_reference():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Bucket-padded varlen rows (issue 31): T_pad > cu_seqlens[-1]
+# ------------------------------------------------------------------------------------------------------------
+
+def _varlen_with_padding_rows(lens, s, h, d, dtype, extra, dev):
+    """(q, k, v padded [B, S, H, D], mask, layout, ql, kl, vl [T + extra, H, D] leaves): the unpadded tokens
+    followed by `extra` padding rows of large random values (any leak into a real row would show)."""
+    q, k, v = _fused_qkv(len(lens), s, h, d, dtype, dev)
+    mask = _mask(lens, s, dev)
+    layout = padding.layout_from_mask(mask)
+    junk = [(100 * torch.randn(extra, h, d, device=dev)).to(dtype) for _ in range(3)]
+    ql, kl, vl = (torch.cat([layout.unpad(t), j]).requires_grad_() for t, j in zip((q, k, v), junk))
+    return q, k, v, mask, layout, ql, kl, vl
+
+
+@requires_triton
+@pytest.mark.parametrize("extra", [1, 150])  # one row more; several 64-row blocks more
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_padding_rows_are_zero_and_inert(dtype, extra):
+    """Real rows match the float64 reference; padding rows (t >= cu_seqlens[-1]) are exactly 0 in out, dq, dk,
+    dv; lse is +inf there; all under poisoned memory (an unwritten row is NaN and fails)."""
+    dev = triton_device()
+    s, h, d = 40, 2, 32
+    lens = torch.tensor([7, 0, 40, 23])
+    q, k, v, mask, layout, ql, kl, vl = _varlen_with_padding_rows(lens, s, h, d, dtype, extra, dev)
+    total = int(lens.sum())
+    out = T.varlen_attention(ql, kl, vl, layout.cu_seqlens, s)
+    dout = torch.randn(out.shape, device=dev).to(dtype)
+    grads = torch.autograd.grad(out, (ql, kl, vl), dout)
+    dout_pad = layout.pad(dout[:total])
+    ref64 = _ref_with_grads(q, k, v, mask, 1 / math.sqrt(d), dout_pad, torch.float64)
+    same = _ref_with_grads(q, k, v, mask, 1 / math.sqrt(d), dout_pad, dtype)
+    for name, got, r64, rs in zip(("out", "dq", "dk", "dv"), (out,) + grads, ref64, same):
+        assert got.shape[0] == total + extra
+        _assert_close_to_ref(name, got[:total], layout.unpad(r64), layout.unpad(rs), dtype)
+        assert (got[total:] == 0).all(), f"{name} is not exactly zero at padding rows"
+    _, lse = K.attention_forward(ql.detach(), kl.detach(), vl.detach(), cu_seqlens=layout.cu_seqlens, max_seqlen=s)
+    assert torch.isfinite(lse[:, :total]).all()
+    assert torch.isinf(lse[:, total:]).all() and (lse[:, total:] > 0).all()
+
+
+@requires_triton
+def test_varlen_padding_rows_with_dropout_match_the_unpadded_batch():
+    """With dropout too, the padded batch's real rows and their gradients equal the exact batch's (same seed)."""
+    dev = triton_device()
+    lens, s, h, d = torch.tensor([9, 33]), 33, 2, 16
+    q, k, v, mask, layout, ql, kl, vl = _varlen_with_padding_rows(lens, s, h, d, torch.float32, 70, dev)
+    total = int(lens.sum())
+    exact = [t.detach()[:total].clone().requires_grad_() for t in (ql, kl, vl)]
+    torch.manual_seed(5)
+    out_p = T.varlen_attention(ql, kl, vl, layout.cu_seqlens, s, 0.3)
+    torch.manual_seed(5)
+    out_e = T.varlen_attention(*exact, layout.cu_seqlens, s, 0.3)
+    dout = torch.randn(out_p.shape, device=dev)
+    gp = torch.autograd.grad(out_p, (ql, kl, vl), dout)
+    ge = torch.autograd.grad(out_e, exact, dout[:total])
+    assert torch.equal(out_p[:total], out_e) and (out_p[total:] == 0).all()
+    for a, b in zip(gp, ge):
+        assert torch.equal(a[:total], b) and (a[total:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dq, dk, dv in one [tokens, 3, heads, head_dim] buffer (issue 26)
+# ------------------------------------------------------------------------------------------------------------
+
+@requires_triton
+def test_backward_writes_dq_dk_dv_into_one_packed_buffer():
+    """The three gradients are the unbind(-3) views of one [T, 3, H, D] buffer (no separate allocations to be
+    copied into the fused QKV gradient)."""
+    dev = triton_device()
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(14, 2, 16, device=dev, requires_grad=True) for _ in range(3))
+    out = T.varlen_attention(q, k, v, cu, 7)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    storage = dq.untyped_storage().data_ptr()
+    assert dk.untyped_storage().data_ptr() == storage == dv.untyped_storage().data_ptr()
+    assert dk.data_ptr() - dq.data_ptr() == 2 * 16 * dq.element_size()  # [T, 3, H, D]: q, k, v of a token adjacent
+    assert dq.stride() == dk.stride() == dv.stride() == (3 * 2 * 16, 16, 1)
+
+
+@requires_triton
+@pytest.mark.parametrize("extra", [0, 3])
+def test_qkvpacked_gives_the_same_qkv_weight_gradient_without_a_copy(extra):
+    """qkv = linear(x).view(T, 3, H, D) as bert.py builds it: the packed op gives the same output and the same
+    QKV weight / bias / input gradients as unbind + varlen_attention, and qkv's gradient is the backward op's buffer
+    itself (what reaches the linear layer is not a stacked copy)."""
+    dev = triton_device()
+    lens, s, h, d = torch.tensor([6, 11]), 11, 2, 16
+    cu = padding.cu_seqlens_from_seqlens(lens.to(dev))
+    n = int(lens.sum()) + extra
+    lin = torch.nn.Linear(h * d, 3 * h * d).to(dev)
+    x = torch.randn(n, h * d, device=dev, requires_grad=True)
+    dout = torch.randn(n, h, d, device=dev)
+    results, qkv_grads, copies = [], [], []
+    for packed in (False, True):
+        qkv = lin(x).view(n, 3, h, d)
+        qkv.register_hook(qkv_grads.append)
+        out = (T.varlen_attention_qkvpacked(qkv, cu, s) if packed else T.varlen_attention(*qkv.unbind(-3), cu, s))
+        with _OpLog() as log:
+            results.append((out,) + torch.autograd.grad(out, (lin.weight, lin.bias, x), dout))
+        copies.append([op for op in log.ops if op in ("stack", "cat", "copy_", "clone")])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(qkv_grads[1], qkv_grads[0], atol=0, rtol=0)
+    assert "stack" in copies[0]  # the unpacked path: UnbindBackward stacks dq, dk, dv into a new tensor
+    assert copies[1] == [], copies[1]  # the packed path copies nothing
+
+
+@requires_triton
+def test_backward_builds_no_zero_filled_gradient_for_lse():
+    """lse gets no gradient: the backward allocates no zero-filled [heads, T] buffer for it (issue 26)."""
+    dev = triton_device()
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
+    qkv = torch.randn(12, 3, 2, 16, device=dev, requires_grad=True)
+    for out in (T.varlen_attention(*qkv.unbind(1), cu, 7), T.varlen_attention_qkvpacked(qkv, cu, 7)):
+        with _OpLog() as log:
+            out.sum().backward()
+        assert "attention_backward" in log.ops
+        assert not {"zeros", "zeros_like", "zero_", "fill_"} & set(log.ops), log.ops
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten op names (overload packet) that run while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Dropout
 # ------------------------------------------------------------------------------------------------------------
 
@@ -239,13 +380,60 @@ def test_dropout_same_seed_same_output_and_torch_seed_controls_it():
     o3 = T.attention(q, k, v, mask, 0.2)  # the generator moved on: a different mask
     assert torch.equal(o1, o2)
     assert not torch.equal(o1, o3)
-    # the op's seed is draw_seed() after torch.manual_seed: the helper's mask reproduces its output exactly
+    # the op's seed is draw_seed(q.device) after torch.manual_seed: the helper's mask reproduces its output exactly
     torch.manual_seed(3)
-    keep = T.dropout_keep_mask(T.draw_seed(), 0.2, b, h, s, device=dev)
+    keep = T.dropout_keep_mask(T.draw_seed(dev), 0.2, b, h, s, device=dev)
     ref = ref_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d), keep, 0.2)
     torch.testing.assert_close(o1.double(), ref, **_tol32())
     no_drop = ref_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d))
     assert (o1.double() - no_drop).abs().max() > 1e-2  # dropout did something
+
+
+@requires_triton
+def test_dropout_seed_lives_on_the_device_and_is_never_read_by_the_host():
+    """CUDA-graph readiness (issue 26): the seed is a tensor on the op's device drawn by a device op (randint), and
+    forward + backward never read it back to the host (no item / _local_scalar_dense: a captured graph would bake a
+    host value and replay the same mask). A step replayed with the very same host-side arguments but the device
+    seed advanced in place (what a graph replay's randint does) draws a different mask; restored, the same."""
+    dev = triton_device()
+    cu = torch.tensor([0, 9, 30], dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(30, 2, 16, device=dev, requires_grad=True) for _ in range(3))
+    with _OpLog() as log:
+        out = T.varlen_attention(q, k, v, cu, 21, 0.3)
+        out.sum().backward()
+    assert "randint" in log.ops and "attention_backward" in log.ops
+    assert not {"_local_scalar_dense", "item", "nonzero"} & set(log.ops), log.ops
+    seed = T.draw_seed(dev)
+    assert seed.device == q.device and seed.dtype == torch.int64
+    step_args = (q.detach(), k.detach(), v.detach(), None, cu, 21, 0.3, 0.25, seed)  # the captured host state
+    out1, _ = T.attention_op(*step_args)
+    saved = seed.clone()
+    seed.copy_(T.draw_seed(dev))  # the device state advances on the device
+    out2, _ = T.attention_op(*step_args)
+    seed.copy_(saved)
+    out3, _ = T.attention_op(*step_args)
+    assert not torch.equal(out1, out2) and torch.equal(out1, out3)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_draw_fresh_dropout_masks():
+    """A captured attention step replays with new masks (the seed comes from the CUDA generator's graph-safe state)."""
+    dev = torch.device("cuda")
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device=dev)
+    q = torch.randn(300, 4, 64, device=dev, dtype=torch.float16)
+    torch.manual_seed(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        T.varlen_attention(q, q, q, cu, 200, 0.2)  # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = T.varlen_attention(q, q, q, cu, 200, 0.2)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
 
 
 @requires_triton
@@ -279,7 +467,7 @@ def test_opcheck():
     q, k, v = (t.detach().requires_grad_() for t in _fused_qkv(b, s, h, d, torch.float32, dev))
     mask = _mask(torch.tensor([4, 9]), s, dev)
     fwd = torch.ops.bertfast.attention.default
-    torch.library.opcheck(fwd, (q, k, v, mask, None, s, 0.1, 0.3, T.draw_seed()))
+    torch.library.opcheck(fwd, (q, k, v, mask, None, s, 0.1, 0.3, T.draw_seed(dev)))
     layout = padding.layout_from_mask(mask)
     ql, kl, vl = (layout.unpad(t.detach()).requires_grad_() for t in (q, k, v))
     torch.library.opcheck(fwd, (ql, kl, vl, None, layout.cu_seqlens, s, 0.0, 0.3, None))
@@ -367,7 +555,7 @@ def test_every_launch_runs_under_its_tensors_device_guard(monkeypatch):
     q = _launch_everything(2, 9, 2, 16)
     kernels = {launch["kernel"] for launch in rec.launches}
     assert kernels == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
-                       "_attn_bwd_dq_kernel", "_dropout_mask_kernel"}
+                       "_attn_bwd_dq_kernel", "_dropout_mask_kernel", "_zero_tail_kernel"}
     for launch in rec.launches:
         assert launch["guards"] == [q.device], launch
 
@@ -387,10 +575,13 @@ def test_grids_keep_axes_1_and_2_within_cuda_limits(monkeypatch):
     rec = LaunchRecorder(monkeypatch, K)
     b, s, h = 5462, 3, 12
     _launch_everything(b, s, h, 16)
-    assert len(rec.launches) == 9
+    # 9 attention launches + 3 padding-row fills of varlen (out, lse; the packed dq/dk/dv buffer)
+    assert len(rec.launches) == 12
     for launch in rec.launches:
         grid = launch["grid"]
         assert len(grid) <= 3 and all(0 < g <= lim for g, lim in zip(grid, (2 ** 31 - 1, 65535, 65535))), launch
+        if launch["kernel"] == "_zero_tail_kernel":
+            continue  # a grid over token rows, not (row block, batch, head)
         cfg = launch["kwargs"]
         block = cfg.get("BLOCK_N") if launch["kernel"] == "_attn_bwd_dkdv_kernel" else cfg.get("BLOCK_M",
                                                                                                cfg.get("BLOCK"))

@@ -4,10 +4,12 @@ torch.compile tracing. On CPU the kernels run in Triton's interpreter (TRITON_IN
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from _utils import LaunchRecorder, assert_close, requires_triton, triton_device
 
 from bertfast import ops, reference
+from bertfast.kernels import _launch
 from bertfast.kernels import gelu as gelu_kernels
 from bertfast.kernels import layer_norm as ln_kernels
 from bertfast.ops import _triton_gelu as tg
@@ -24,6 +26,13 @@ DTYPES = [  # dtype, atol, rtol: on top of twice the error of eager torch in the
     (torch.bfloat16, 1e-2, 1e-2),
 ]
 EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_memory(nan_empty):
+    """Every test here runs with uninitialised memory NaN-filled (torch.use_deterministic_algorithms +
+    fill_uninitialized_memory: torch.empty returns NaN), so any element a kernel fails to write fails a test."""
+    yield
 
 
 def ref_layer_norm(x, weight, bias, eps, residual, x_bias, keep, p, compute):
@@ -75,7 +84,7 @@ def check_layer_norm(shape, dtype, atol, rtol, residual, x_bias, p, param_dtype=
     keep = None
     torch.manual_seed(1234)
     if p > 0:
-        keep = tn.dropout_keep_mask(tn.draw_seed(), shape, p, DEVICE)
+        keep = tn.dropout_keep_mask(tn.draw_seed(DEVICE), shape, p, DEVICE)
         torch.manual_seed(1234)  # layer_norm draws the same seed again
 
     ours = leaves(inputs)
@@ -148,6 +157,135 @@ def test_layer_norm_launchers_write_every_element(variant):
         assert got[1] is dres and not dres.isnan().any()
     for t in got[2:]:
         assert t is None or not t.isnan().any()
+
+
+def _persistent_rows(config) -> int:
+    """A row count at which config(rows)'s persistent grid has fewer programs than row tiles (each loops), with a
+    last round only partly full."""
+    rows = 64
+    while config(rows)["grid"][0] >= triton.cdiv(rows, config(rows)["BLOCK_M"]):
+        rows *= 2
+    return rows + 37
+
+
+def test_persistent_backward_grids_write_every_element(monkeypatch):
+    """The backward grids are persistent (fewer programs than row tiles, each looping): under poisoned memory every
+    element of dx and the column sums is written and right, for layer_norm (with and without dropout) and
+    bias_gelu, with row counts that leave the last loop round partly empty. (One SM, to keep the interpreter's
+    row counts small.)"""
+    n = 16
+    cap, sms = _launch.device_info(torch.empty(0, device=DEVICE))[0], 1
+    for mod in (ln_kernels, gelu_kernels):
+        monkeypatch.setattr(mod, "device_info", lambda t: (cap, sms))
+    m = _persistent_rows(lambda rows: ln_kernels.bwd_config(rows, n, torch.float32, cap, sms, dropout=True))
+    x = torch.randn(m, n, device=DEVICE)
+    w, b = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    for p in (0.0, 0.1):
+        cfg = ln_kernels.bwd_config(m, n, x.dtype, cap, sms, dropout=p > 0)
+        assert cfg["grid"][0] < triton.cdiv(m, cfg["BLOCK_M"])  # persistent: programs loop over row tiles
+        y, mean, rstd = ln_kernels.layer_norm_fwd(x, w, b, EPS, x, None, p, 5)
+        dy = torch.randn_like(x)
+        dx, dres, dw, db, _ = ln_kernels.layer_norm_bwd(dy, x, w, mean, rstd, x, None, p, 5)
+        keep = ln_kernels.dropout_keep_mask(5, (m, n), p, DEVICE) if p else torch.ones_like(x, dtype=torch.bool)
+        leaves = [t.double().requires_grad_() for t in (x, w, b)]
+        h = leaves[0] * keep / (1 - p) + leaves[0]
+        ref = F.layer_norm(h, (n,), leaves[1], leaves[2], EPS)
+        for got, want in zip((dx, dw, db), torch.autograd.grad(ref, leaves, dy.double())):
+            assert not got.isnan().any()
+            # dx here is d(dropout branch) only: the residual's share is dres
+            want = want - dres.double() if got is dx else want
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    n = 64
+    m = _persistent_rows(lambda rows: gelu_kernels.bwd_config(rows, n, torch.float32, cap, sms))
+    cfg = gelu_kernels.bwd_config(m, n, x.dtype, cap, sms)
+    assert cfg["grid"][0] < triton.cdiv(m, cfg["BLOCK_M"])
+    xg = torch.randn(m, n, device=DEVICE, requires_grad=True)
+    dy = torch.randn_like(xg)
+    b = torch.randn(n, device=DEVICE)
+    dx, dbias = gelu_kernels.bias_gelu_bwd(dy, xg.detach(), b)
+    bl = b.clone().requires_grad_()
+    want = torch.autograd.grad(F.gelu(xg + bl), (xg, bl), dy)
+    torch.testing.assert_close(dx, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dbias, want[1], atol=1e-3, rtol=1e-4)
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    """blocks_per_sm from given register / shared-memory numbers (sm_90: 64K registers, 228 KiB shared, 64 warps,
+    32 blocks per SM; registers allocated per warp in units of 256)."""
+    occ = _launch.blocks_per_sm
+    assert occ(90, 32, 4) == 16          # registers: 65536 / (1024 * 4) = 16; warps: 64 / 4 = 16
+    assert occ(90, 40, 8) == 6           # 40 * 32 = 1280 per warp -> 65536 / (1280 * 8) = 6.4
+    assert occ(90, 146, 8) == 1          # the attention backward's 146 registers: 1 block of 8 warps per SM
+    assert occ(90, 64, 4, shared=100 * 1024) == 2  # shared memory: 228 KiB / (100 + 1) KiB
+    assert occ(80, 64, 4, shared=100 * 1024) == 1  # sm_80: 164 KiB
+    assert occ(90, 16, 1) == 32          # the per-SM block limit
+    assert occ(90, 255, 16) == 1         # never 0: a kernel that launches at all runs one block per SM
+    assert occ(90, None, 8) == 8         # registers unknown: the warps-only bound
+    assert _launch.persistent_programs(10_000, 132, 3) == 396 and _launch.persistent_programs(7, 132, 3) == 7
+
+
+@pytest.mark.parametrize("config", ["layer_norm", "gelu"])
+def test_persistent_grids_follow_the_occupancy(config):
+    """The persistent backward grids are one wave of SMs x resident blocks, whatever that is (no fixed 4)."""
+    def grid(resident):
+        if config == "layer_norm":
+            return ln_kernels.bwd_config(1 << 20, 768, torch.float16, 90, 132, resident_per_sm=resident)["grid"]
+        return gelu_kernels.bwd_config(1 << 20, 3072, torch.float16, 90, 132, resident_per_sm=resident)["grid"]
+    cols = grid(1)[1] if config == "gelu" else 1
+    for resident in (1, 2, 3, 6, 12):
+        assert grid(resident)[0] * cols == pytest.approx(132 * resident, abs=cols), resident
+    num_warps = (ln_kernels.bwd_config(1 << 20, 768, torch.float16, 90, 132) if config == "layer_norm"
+                 else gelu_kernels.bwd_config(1 << 20, 3072, torch.float16, 90, 132))["num_warps"]
+    assert grid(None)[0] * cols == pytest.approx(132 * (64 // num_warps), abs=cols)  # unknown registers: warps bound
+
+
+def test_kernel_occupancy_reads_the_compiled_kernel(monkeypatch):
+    """On a GPU the launchers size their grids from Triton's compiled kernel (n_regs, metadata.shared via
+    `warmup`, which compiles without launching), once per configuration; off CUDA there is nothing to read."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    class FakeKernel:
+        n_regs, metadata = 80, SimpleNamespace(shared=20 * 1024)
+
+        def _init_handles(self):
+            pass
+
+    class FakeFn:
+        __name__ = "fake_kernel"
+
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(kwargs)
+            return FakeKernel()
+
+    monkeypatch.setattr(_launch, "_OCCUPANCY", {})
+    gpu = torch.device("cuda", 0)
+    got = _launch.kernel_occupancy(FakeFn(), (1, 2), {"num_warps": 4, "BLOCK_M": 8}, gpu, 90)
+    assert got == _launch.blocks_per_sm(90, 80, 4, 20 * 1024) == 6   # registers: 65536 / (2560 * 4)
+    assert _launch.kernel_occupancy(FakeFn(), (1, 2), {"num_warps": 4, "BLOCK_M": 8}, gpu, 90) == got
+    assert len(calls) == 1  # cached per configuration
+    assert _launch.kernel_occupancy(FakeFn(), (1, 2), {"num_warps": 4}, torch.device("cpu"), 90) is None
+
+
+def test_layer_norm_backward_builds_no_zero_filled_gradients():
+    """mean and rstd get no gradient: no zero-filled [rows] buffers in the backward (issue 26)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, r, xb = (t.requires_grad_() for t in make_ln_inputs((3, 5, 40), torch.float32, True, True))
+    y = tn.layer_norm(x, w, b, EPS, r, xb, 0.1)
+    with OpLog() as log:
+        y.sum().backward()
+    assert "layer_norm_backward" in log.ops
+    assert not {"zeros", "zeros_like", "zero_", "fill_"} & set(log.ops), log.ops
+    assert all(t.grad is not None for t in (x, w, b, r, xb))
 
 
 def test_layer_norm_noncontiguous_inputs():
@@ -311,7 +449,7 @@ def test_bias_gelu_launchers_write_every_element():
 # ---------------------------------------------------------------------------------------------------------------
 def test_opcheck_layer_norm():
     x, w, b, r, xb = make_ln_inputs((3, 5, 40), torch.float32, True, True)
-    seed = torch.tensor(99, dtype=torch.int64)  # draw_seed()'s contract: a 0-dim int64 CPU tensor
+    seed = torch.tensor(99, dtype=torch.int64, device=DEVICE)  # draw_seed()'s contract: 0-dim int64 on x's device
     args = [t.requires_grad_() for t in (x, w, b, r, xb)]
     torch.library.opcheck(torch.ops.bertfast.layer_norm.default,
                           (*args[:3], args[3], args[4], seed, EPS, 0.1))

@@ -9,9 +9,10 @@ The custom ops, named as every bertfast op: `bertfast::layer_norm` (forward: y, 
 `bertfast::layer_norm_backward`, each with `register_fake` (so torch.compile traces it as one opaque node); the
 forward's `register_autograd` calls the backward op; both only call the plain launchers.
 
-Dropout: the seed of the Philox keep-mask is `_launch.draw_seed()` (a 0-dim int64 CPU tensor from torch's
-default generator, so torch.manual_seed makes runs repeatable); the backward receives it again to regenerate the
-same mask; no mask is stored.
+Dropout: the seed of the Philox keep-mask is `_launch.draw_seed(x.device)` (a 0-dim int64 tensor on x's device
+from that device's generator, read by the kernels from device memory: CUDA-graph ready, no host read, and
+torch.manual_seed makes runs repeatable); the backward receives it again to regenerate the same mask; no mask is
+stored.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bertfast.kernels import _launch
 from bertfast.kernels import layer_norm as _ln
 from bertfast.kernels._launch import draw_seed
 
@@ -30,7 +30,7 @@ MAX_WIDTH = _ln.MAX_WIDTH
 def dropout_keep_mask(seed, shape, dropout_p: float, device="cpu") -> Tensor:
     """The bool keep-mask layer_norm applies with this seed (an int or draw_seed()'s tensor) to an x of `shape`;
     kept elements are scaled by 1 / (1 - dropout_p). Runs the kernels' own mask code."""
-    return _ln.dropout_keep_mask(_launch.seed_value(seed), shape, dropout_p, device)
+    return _ln.dropout_keep_mask(seed, shape, dropout_p, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Te
                   seed: Optional[Tensor], eps: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd): y = LayerNorm(dropout(x + x_bias) + residual); dropout only when seed is given."""
     p = dropout_p if seed is not None else 0.0
-    return _ln.layer_norm_fwd(x, weight, bias, eps, residual, x_bias, p, _launch.seed_value(seed))
+    return _ln.layer_norm_fwd(x, weight, bias, eps, residual, x_bias, p, seed)
 
 
 @layer_norm_op.register_fake
@@ -61,7 +61,7 @@ def layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, 
     residual's gradient is dx itself, or not needed); dx_bias is empty without x_bias."""
     p = dropout_p if seed is not None else 0.0
     dx, dres, dw, db, dxb = _ln.layer_norm_bwd(dy, x, weight, mean, rstd, residual, x_bias, p,
-                                               _launch.seed_value(seed), need_dresidual)
+                                               seed, need_dresidual)
     empty = x.new_empty(0)
     dres = dres if (dres is not None and dres is not dx) else empty
     return dx, dres, dw, db, dxb if dxb is not None else empty.clone()
@@ -79,12 +79,18 @@ def _layer_norm_setup(ctx, inputs, output):
     x, weight, bias, residual, x_bias, seed, eps, dropout_p = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd, residual, x_bias, seed)
+    # mean and rstd are statistics for the backward, never differentiated: without this, autograd builds two
+    # zero-filled [rows] gradients for them in every backward (issue 26)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.dropout_p = dropout_p if seed is not None else 0.0
     ctx.bias_dtype = bias.dtype
 
 
 def _layer_norm_backward(ctx, dy, dmean, drstd):
     # mean and rstd are saved statistics, not differentiable outputs: their gradients are ignored
+    if dy is None:  # y took no part in the loss (materialize_grads is off)
+        return (None,) * 8
     x, weight, mean, rstd, residual, x_bias, seed = ctx.saved_tensors
     need_dres = residual is not None and ctx.needs_input_grad[3]
     dx, dres, dw, db, dxb = layer_norm_backward_op(dy, x, weight, mean, rstd, residual, x_bias, seed, ctx.dropout_p,
@@ -106,7 +112,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-12, resi
     float32 / float16 / bfloat16 (computed in float32, stored in x's dtype); weight, bias and x_bias [N] of any
     of those dtypes; residual like x. dropout_p > 0 draws a seed from torch's generator (see draw_seed)."""
     _ln.check_inputs(x, weight, bias, residual, x_bias, dropout_p)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
     y, _, _ = layer_norm_op(x, weight, bias, residual, x_bias, seed, float(eps), float(dropout_p))
     return y
 
