@@ -118,3 +118,42 @@ def test_padded_rows_are_inert_triton(poisoned, dtype):
     model = BertForPreTraining(CFG, impl="triton").to(dtype)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     assert_same(model, tol)
+
+
+@pytest.mark.parametrize("buckets", [8, 1])  # 8: the smallest bucket that holds the batch; 1: the largest
+def test_one_trainer_step_is_the_same_with_bucket_padding(poisoned, tmp_path, monkeypatch, buckets):
+    """One optimizer step through the trainer ends with the same parameters as the exact batch's step."""
+    pytest.importorskip("datasets")
+    from safetensors.torch import load_file
+
+    from bertfast.train import TrainConfig, train
+    from bertfast.train import checkpoint as ckpt
+
+    def run(name, forced, tokenizer=None):
+        orig = PretrainingCollator.add_layout
+        monkeypatch.setattr(PretrainingCollator, "add_layout", lambda self, b, token_buckets=None: orig(self, b, forced))
+        rows = []
+        monkeypatch.setattr(PretrainingCollator, "__call__", _recording(PretrainingCollator.__call__, rows))
+        cfg = TrainConfig(preset="tiny", max_len=64, builtin_docs=40, batch_size=8, max_steps=1, lr=1e-2,
+                          warmup_steps=0, log_every=1, checkpoint_every=1, output_dir=str(tmp_path / name),
+                          progress=False, threads=1, seed=2, device="cpu", dropout=0.0, num_workers=0,
+                          eval_fraction=0.0, tokenizer=tokenizer)
+        train(cfg, log=lambda *_: None)
+        monkeypatch.undo()
+        step = tmp_path / name / "checkpoints" / ckpt.checkpoint_name(1)
+        return load_file(str(step / "model.safetensors")), rows, str(tmp_path / name / "tokenizer")
+
+    exact, rows0, tok = run("exact", 0)
+    padded, rows1, _ = run("padded", buckets, tok)
+    assert rows0 and set(rows0) == {0} and max(rows1) > 0, (rows0, rows1)  # the padded run had padding rows
+    assert exact.keys() == padded.keys()
+    for k in exact:
+        torch.testing.assert_close(padded[k], exact[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _recording(call, rows):
+    def wrapped(self, samples):
+        batch = call(self, samples)
+        rows.append(batch.rows - int(batch.attention_mask.sum()) if batch.unpad_indices is not None else -1)
+        return batch
+    return wrapped
