@@ -61,10 +61,19 @@ def op_impl(op: str, impl: str) -> str:
     return impl
 
 
+# (op, impl) -> the function that runs it, resolved once: no import inside an op call, which torch.compile cannot
+# trace (a graph break per call). The reference and the extension's wrappers (light modules) are resolved here;
+# a Triton op's module on its first use (it imports triton).
+_BACKENDS = {(op, "torch"): getattr(reference, op) for op in _OPS}
+_BACKENDS.update({(op, "ext"): getattr(importlib.import_module(spec.impls["ext"]), op)
+                  for op, spec in _OPS.items() if "ext" in spec.impls})
+
+
 def _backend(op: str, impl: str):
-    if impl == "torch":
-        return getattr(reference, op)
-    return getattr(importlib.import_module(_OPS[op].impls[impl]), op)
+    fn = _BACKENDS.get((op, impl))
+    if fn is None:
+        fn = _BACKENDS[(op, impl)] = getattr(importlib.import_module(_OPS[op].impls[impl]), op)
+    return fn
 
 
 def describe(device: torch.device | str, impl: str = "auto") -> dict[str, str]:

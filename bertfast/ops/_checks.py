@@ -68,7 +68,9 @@ def _scale(op, softmax_scale):
 
 
 def _values_checked(t: torch.Tensor, check_values: bool) -> bool:
-    return check_values or t.device.type == "cpu"
+    """Whether to read t's values for the checks: when asked, and always for CPU tensors in eager mode (free
+    there); not for check_values=False under torch.compile, where a host read would break the graph."""
+    return check_values or (t.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
 # ----------------------------------------------------------------------------------------------------------------
