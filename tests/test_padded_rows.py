@@ -131,7 +131,8 @@ def test_one_trainer_step_is_the_same_with_bucket_padding(poisoned, tmp_path, mo
 
     def run(name, forced, tokenizer=None):
         orig = PretrainingCollator.add_layout
-        monkeypatch.setattr(PretrainingCollator, "add_layout", lambda self, b, token_buckets=None: orig(self, b, forced))
+        monkeypatch.setattr(PretrainingCollator, "add_layout",
+                            lambda self, b, token_buckets=None: orig(self, b, forced))
         rows = []
         monkeypatch.setattr(PretrainingCollator, "__call__", _recording(PretrainingCollator.__call__, rows))
         cfg = TrainConfig(preset="tiny", max_len=64, builtin_docs=40, batch_size=8, max_steps=1, lr=1e-2,

@@ -95,7 +95,7 @@ class Batch:
 
 FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels", "mlm_positions", "mlm_labels", "is_next")
 _LAYOUT_TENSORS = ("unpad_indices", "cu_seqlens")
-DEFAULT_TOKEN_BUCKETS = 8
+DEFAULT_TOKEN_BUCKETS = 16
 
 
 class PretrainingCollator:

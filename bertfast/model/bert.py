@@ -10,8 +10,10 @@ Two encoder layouts give the same numbers (tests/test_model.py):
 - padded: every layer runs on [batch, seqlen, hidden] and attention masks the padding;
 - unpadded (`unpad=True`, the default when an attention_mask is given): the padding is removed once before the
   embeddings (bertfast.ops.padding), every layer runs on [total_tokens, hidden] with `varlen_attention`, and only the
-  masked positions (MLM) and the [CLS] rows are gathered for the heads. The one host-device synchronisation per
-  step is the longest sequence length that varlen attention needs.
+  masked positions (MLM) and the [CLS] rows are gathered for the heads. The layout comes from the batch
+  (`Batch.model_inputs()`: `unpad_indices`, `cu_seqlens`, `max_seqlen`, computed by the collator on the host, the
+  token count padded to a bucket; then no host sync), or is derived from attention_mask (one host sync for the
+  longest sequence). Bucket-padding rows hold the pad token at position 0 and stay inert (bertfast.ops).
 
 Padding may be on the right (BERT's collators) or on the left: positions count from each sequence's first real
 token and [CLS] is its first real token, in both layouts (so a left-padded sequence gives the same result as the
