@@ -111,13 +111,30 @@ def test_varlen_attention_padded_rows_triton(poisoned, dtype):
     _varlen_contract("triton", dtype)
 
 
-@TRITON_XFAIL
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_padded_rows_are_inert_triton(poisoned, dtype):
+def _triton_model_is_inert(dtype):
     torch.manual_seed(0)
     model = BertForPreTraining(CFG, impl="triton").to(dtype)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     assert_same(model, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padded_rows_are_inert_triton_with_the_models_guard(poisoned, dtype):
+    """Until the Triton kernel honours padded rows, the model masks them around it (PADDED_ROWS_HONOURED)."""
+    from bertfast.model import bert
+
+    assert "triton" not in bert.PADDED_ROWS_HONOURED
+    _triton_model_is_inert(dtype)
+
+
+@TRITON_XFAIL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padded_rows_are_inert_triton_kernel_alone(poisoned, dtype, monkeypatch):
+    """The kernel itself, without the model's guard: what lets "triton" join PADDED_ROWS_HONOURED."""
+    from bertfast.model import bert
+
+    monkeypatch.setattr(bert, "PADDED_ROWS_HONOURED", frozenset({"torch", "triton"}))
+    _triton_model_is_inert(dtype)
 
 
 @pytest.mark.parametrize("buckets", [8, 1])  # 8: the smallest bucket that holds the batch; 1: the largest

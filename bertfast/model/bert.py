@@ -35,6 +35,13 @@ from bertfast.ops import padding, reference
 from bertfast.model.config import PRESETS, BertConfig  # noqa: F401  (PRESETS: re-exported for the trainer and CLI)
 
 
+# The varlen_attention impls tested to honour the padded-rows contract (bertfast.ops: zero outputs and zero
+# dq/dk/dv at rows past cu_seqlens[-1], poisoned memory). With any other impl the model masks padded rows around
+# the op (4 where() per layer, so NaN or garbage a kernel leaves in them cannot reach a weight). Add "triton" once
+# kernels/attention.py passes tests/test_padded_rows.py's Triton op tests.
+PADDED_ROWS_HONOURED = frozenset({"torch"})
+
+
 class PreTrainingOutput:
     """Unpacks as (total_loss, prediction_scores, seq_relationship_score), like transformers' tuple output.
 
@@ -291,14 +298,22 @@ class BertModel(nn.Module):
     def _unpadded_start(self, input_ids, attention_mask, token_type_ids, layout, attn_p):
         """(embeddings [R, H], attend, [CLS] rows [1, B], layout). Bucket-padding rows get the pad token at
         position 0 with token type 0: finite activations that varlen attention keeps inert."""
+        given = layout is not None  # the collator's layout may have padding rows; one derived here has none
         if layout is None:
             layout = padding.layout_from_mask(attention_mask)
         pad_id = self.config.pad_token_idx
         h = self.embed(layout.unpad(input_ids, pad_id), layout.unpad(token_type_ids), layout.position_ids())
 
+        impl = self._impl("varlen_attention")
+        guard = given and ops.resolve_impl("varlen_attention", impl, h.device) not in PADDED_ROWS_HONOURED
+        real = layout.real_rows()[:, None, None] if guard else None
+
         def attend(q, k, v):
-            return ops.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn_p,
-                                        impl=self._impl("varlen_attention"), check_values=False)
+            if real is not None:  # an impl not yet known to honour padded rows: mask them around it
+                q, k, v = (torch.where(real, t, 0) for t in (q, k, v))  # zero gradient at padded rows
+            out = ops.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn_p, impl=impl,
+                                       check_values=False)
+            return out if real is None else torch.where(real, out, 0)
         return h, attend, layout.first_token_index()[None], layout  # [CLS] rows of [1, R, H]; -1: empty
 
     def _padded_start(self, input_ids, attention_mask, token_type_ids, attn_p):
