@@ -587,6 +587,7 @@ def _log(run: _Run, grad_norm: torch.Tensor, metrics_f, bar) -> None:
            "tokens_per_s": sums["tokens"] / dt, "skipped_steps": int(sums["skipped"]), "epoch": run.loader.epoch}
     if run.scaler.is_enabled():
         rec["loss_scale"] = run.scaler.get_scale()
+        HOST_READS["fp16_scale"] += 1
         rec["overflow_steps"] = int(sums["overflow"])
     if run.peak:
         rec["mfu"] = run.flops * d.world_size / dt / (run.peak * d.world_size)
