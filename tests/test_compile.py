@@ -1,4 +1,6 @@
 """torch.compile traces the model and its custom ops (fake kernels, autograd registrations)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,3 +32,45 @@ def test_compiled_model_matches_eager(unpad):
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _collated(lens, seed=0):
+    """A batch from the collator (layout on the host, token count padded to a bucket of 3 * 16 tokens)."""
+    from bertfast.data.batch import PretrainingCollator
+
+    g = torch.Generator().manual_seed(seed)
+    samples = [dict(input_ids=[2] + torch.randint(5, CFG.vocab_size, (n - 2,), generator=g).tolist() + [3],
+                    len_a=n // 2, is_next=i % 2, seed=seed * 10 + i) for i, n in enumerate(lens)]
+    col = PretrainingCollator(vocab_size=CFG.vocab_size, pad_token_id=0, mask_token_id=4, max_len=16,
+                              max_predictions=4)
+    return col(samples)
+
+
+def test_forward_has_no_graph_break_with_the_collators_layout():
+    """Issue 26: one graph (no import inside an op call, no host read with input checks off)."""
+    torch._dynamo.reset()
+    model = BertForPreTraining(dataclasses.replace(CFG, num_hidden_layers=2))
+    model.check_inputs = False
+    explained = torch._dynamo.explain(model)(**_collated((11, 16, 7)).model_inputs())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_fullgraph_compile_does_not_recompile_within_a_bucket():
+    """torch.compile(fullgraph=True, dynamic=False) of forward + backward: batches with different token counts in
+    one bucket (and one width) reuse the first graph; the gradients match eager."""
+    torch._dynamo.reset()
+    model = BertForPreTraining(CFG)
+    model.check_inputs = False
+    batches = [_collated(lens, seed) for seed, lens in enumerate([(11, 16, 7), (13, 16, 7), (11, 16, 11)])]
+    assert len({b.rows for b in batches}) == 1 and len({int(b.attention_mask.sum()) for b in batches}) == 3
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    compiled(**batches[0].model_inputs()).loss.backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for b in batches[1:]:
+            model.zero_grad()
+            compiled(**b.model_inputs()).loss.backward()
+            got = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            model(**b.model_inputs()).loss.backward()
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)

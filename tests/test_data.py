@@ -104,7 +104,14 @@ def test_batch_fields_static_form_agrees_with_labels(builtin):
     moved = batch.to("cpu")
     assert isinstance(moved, Batch) and batches_equal(moved, batch)
     assert set(batch.model_inputs()) == {"input_ids", "attention_mask", "token_type_ids", "next_sentence_label",
-                                         "mlm_positions", "mlm_labels"}
+                                         "mlm_positions", "mlm_labels", "unpad_indices", "cu_seqlens", "max_seqlen"}
+    # the unpadded layout, computed by the collator: real tokens sequence after sequence, then bucket padding
+    real = batch.attention_mask.reshape(-1).nonzero().squeeze(1)
+    n, (B, S) = real.numel(), batch.input_ids.shape
+    assert batch.rows >= n and batch.rows % 8 == 0 and torch.equal(batch.unpad_indices[:n], real)
+    assert (batch.unpad_indices[n:] == B * S).all() and batch.max_seqlen == S
+    assert batch.cu_seqlens.tolist() == [0] + batch.attention_mask.sum(1).cumsum(0).tolist()
+    assert torch.equal(moved.unpad_indices, batch.unpad_indices) and moved.max_seqlen == batch.max_seqlen
 
 
 def test_collator_pads_to_multiple_of_8():

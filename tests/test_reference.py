@@ -197,7 +197,7 @@ def _cu(*values):
 
 
 VARLEN_BAD = {  # name -> (kwargs changes, expected words in the message)
-    "cu_past_tokens": (dict(cu_seqlens=_cu(0, 4, 12)), r"cu_seqlens must end at the number of tokens.*= 12"),
+    "cu_past_tokens": (dict(cu_seqlens=_cu(0, 4, 12)), r"cu_seqlens must end at most at the number of rows.*= 12"),
     "cu_not_from_0": (dict(cu_seqlens=_cu(2, 4, 10)), r"cu_seqlens must start at 0"),
     "cu_decreasing": (dict(cu_seqlens=_cu(0, 6, 4, 10)), r"cu_seqlens must be non-decreasing"),
     "cu_int64": (dict(cu_seqlens=_cu(0, 4, 10).long()), r"cu_seqlens must be int32"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bertfast.ops import padding
 from .masking import continuation_table, default_max_predictions, mask_from_draws, word_ids_from_pieces
 
 _MASK64 = (1 << 64) - 1
@@ -35,6 +36,13 @@ class Batch:
     rounded up to a multiple of 8); labels is Hugging Face style, -100 where nothing is predicted.
     mlm_positions [B, P] (-1 for unused slots) and mlm_labels [B, P] (-100 unused): the same predictions in the
     static form, P = max predictions per sequence. is_next: [B], 1 when segment B really follows segment A.
+
+    The unpadded layout, computed on the host by the collator (None when a batch is built without it; the model
+    then derives it from attention_mask, with a host sync): unpad_indices int64 [R], the flat position
+    (b * S + column) of each real token, sequence after sequence, then R - T bucket-padding rows holding B * S
+    (R: the token count T padded up to a bucket, see bertfast.ops.padding.bucket_rows); cu_seqlens int32 [B + 1];
+    max_seqlen, a host int (S, the batch's width: a bound that is static for a given S). `items()` and
+    `as_dict()` give the seven fields above only.
     """
 
     input_ids: torch.Tensor
@@ -44,15 +52,27 @@ class Batch:
     mlm_positions: torch.Tensor
     mlm_labels: torch.Tensor
     is_next: torch.Tensor
+    unpad_indices: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+
+    def _map(self, fn) -> "Batch":
+        layout = {k: None if getattr(self, k) is None else fn(getattr(self, k)) for k in _LAYOUT_TENSORS}
+        return Batch(**{k: fn(v) for k, v in self.items()}, **layout, max_seqlen=self.max_seqlen)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in self.items()})
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        return Batch(**{k: v.pin_memory() for k, v in self.items()})
+        return self._map(lambda v: v.pin_memory())
 
     def items(self):
-        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return ((name, getattr(self, name)) for name in FIELDS)
+
+    @property
+    def rows(self) -> int:
+        """The encoder's unpadded rows (the bucket), or the real token count without a layout."""
+        return int(self.attention_mask.sum()) if self.unpad_indices is None else self.unpad_indices.numel()
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.items())
@@ -65,10 +85,17 @@ class Batch:
             d.update(mlm_positions=self.mlm_positions, mlm_labels=self.mlm_labels)
         else:
             d.update(labels=self.labels)
+        if self.unpad_indices is not None:
+            d.update(unpad_indices=self.unpad_indices, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
         return d
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels", "mlm_positions", "mlm_labels", "is_next")
+_LAYOUT_TENSORS = ("unpad_indices", "cu_seqlens")
+DEFAULT_TOKEN_BUCKETS = 16
 
 
 class PretrainingCollator:
@@ -80,13 +107,20 @@ class PretrainingCollator:
     are never masked. ``continuation``: a ``[vocab]`` bool table of ``##`` pieces (see
     :func:`~bertfast.data.masking.continuation_table`) turns on whole-word masking
     (``from_tokenizer(tok, whole_word_masking=True)`` builds it).
+
+    ``token_buckets``: the batch's unpadded layout (``unpad_indices``, ``cu_seqlens``, ``max_seqlen``) is computed
+    here, on the host, with the token count padded up to one of ``token_buckets`` evenly spaced sizes of
+    batch * max_len (:func:`bertfast.ops.padding.bucket_rows`), so the encoder sees a bounded set of shapes and
+    the model needs no host sync to unpad. 0: the exact token count; None: no layout (the model derives it).
     """
 
     def __init__(self, *, vocab_size: int, pad_token_id: int, mask_token_id: int, max_len: int = 128,
                  max_predictions: int | None = None, mlm_probability: float = 0.15,
                  pad_to_multiple_of: int | None = None, generator: torch.Generator | None = None,
-                 continuation: torch.Tensor | None = None):
+                 continuation: torch.Tensor | None = None, token_buckets: int | None = DEFAULT_TOKEN_BUCKETS):
         self.vocab_size = vocab_size
+        self.max_len = max_len
+        self.token_buckets = token_buckets
         self.pad_token_id = pad_token_id
         self.mask_token_id = mask_token_id
         self.mlm_probability = mlm_probability
@@ -144,7 +178,21 @@ class PretrainingCollator:
         mlm_labels = torch.full((B, P), -100, dtype=torch.long)
         mlm_positions[r, slot] = c
         mlm_labels[r, slot] = labels[r, c]
-        return Batch(input_ids=input_ids, attention_mask=real.long(),
-                     token_type_ids=((pos >= len_a[:, None]) & real).long(), labels=labels,
-                     mlm_positions=mlm_positions, mlm_labels=mlm_labels,
-                     is_next=torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long))
+        batch = Batch(input_ids=input_ids, attention_mask=real.long(),
+                      token_type_ids=((pos >= len_a[:, None]) & real).long(), labels=labels,
+                      mlm_positions=mlm_positions, mlm_labels=mlm_labels,
+                      is_next=torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.long))
+        return self.add_layout(batch)
+
+    def add_layout(self, batch: Batch, token_buckets: int | None = None) -> Batch:
+        """The batch with its unpadded layout, the token count padded to this collator's bucket (or to
+        `token_buckets`' when given; 0 = exact). token_buckets None on the collator: the batch unchanged."""
+        buckets = self.token_buckets if token_buckets is None else token_buckets
+        if buckets is None:
+            return batch
+        b, s = batch.input_ids.shape
+        tokens = int(batch.attention_mask.sum())
+        rows = padding.bucket_rows(tokens, b * max(self.max_len, s), buckets)
+        lay = padding.batch_layout(batch.attention_mask, rows)
+        return dataclasses.replace(batch, unpad_indices=lay.indices, cu_seqlens=lay.cu_seqlens,
+                                   max_seqlen=lay.max_seqlen)

@@ -10,8 +10,10 @@ Two encoder layouts give the same numbers (tests/test_model.py):
 - padded: every layer runs on [batch, seqlen, hidden] and attention masks the padding;
 - unpadded (`unpad=True`, the default when an attention_mask is given): the padding is removed once before the
   embeddings (bertfast.ops.padding), every layer runs on [total_tokens, hidden] with `varlen_attention`, and only the
-  masked positions (MLM) and the [CLS] rows are gathered for the heads. The one host-device synchronisation per
-  step is the longest sequence length that varlen attention needs.
+  masked positions (MLM) and the [CLS] rows are gathered for the heads. The layout comes from the batch
+  (`Batch.model_inputs()`: `unpad_indices`, `cu_seqlens`, `max_seqlen`, computed by the collator on the host, the
+  token count padded to a bucket; then no host sync), or is derived from attention_mask (one host sync for the
+  longest sequence). Bucket-padding rows hold the pad token at position 0 and stay inert (bertfast.ops).
 
 Padding may be on the right (BERT's collators) or on the left: positions count from each sequence's first real
 token and [CLS] is its first real token, in both layouts (so a left-padded sequence gives the same result as the
@@ -31,6 +33,13 @@ from bertfast import ops
 from bertfast.model import hf
 from bertfast.ops import padding, reference
 from bertfast.model.config import PRESETS, BertConfig  # noqa: F401  (PRESETS: re-exported for the trainer and CLI)
+
+
+# The varlen_attention impls tested to honour the padded-rows contract (bertfast.ops: zero outputs and zero
+# dq/dk/dv at rows past cu_seqlens[-1], poisoned memory). With any other impl the model masks padded rows around
+# the op (4 where() per layer, so NaN or garbage a kernel leaves in them cannot reach a weight). Add "triton" once
+# kernels/attention.py passes tests/test_padded_rows.py's Triton op tests.
+PADDED_ROWS_HONOURED = frozenset({"torch"})
 
 
 class PreTrainingOutput:
@@ -264,42 +273,79 @@ class BertModel(nn.Module):
         h = self.embed_norm(e, r, impl=self._impl("layer_norm"))
         return reference.dropout(h, self.config.dropout) if self.training and self.config.dropout > 0 else h
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, unpad: bool | None = None
-               ) -> EncoderOutput:
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, unpad: bool | None = None,
+               layout: padding.VarlenLayout | None = None) -> EncoderOutput:
         """Embeddings and every layer, in the unpadded layout when an attention_mask is given and unpad is on
-        (the model's `unpad` when None), else padded; then the pooler on each sequence's first real token."""
+        (the model's `unpad` when None), else padded; then the pooler on each sequence's first real token.
+        layout: the unpadded layout the collator computed (bucket padding rows included); None: derived from
+        attention_mask here (one host sync)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         unpad = self.unpad if unpad is None else unpad
         attn_p = self.config.attention_dropout if self.training else 0.0
         if attention_mask is not None and unpad:
-            layout = padding.layout_from_mask(attention_mask)
-            h = self.embed(layout.unpad(input_ids), layout.unpad(token_type_ids), layout.position_ids())  # [T, H]
-
-            def attend(q, k, v):
-                return ops.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn_p,
-                                            impl=self._impl("varlen_attention"), check_values=False)
-            cls_index = layout.first_token_index()[None]  # [1, B] rows of [1, T, H]; -1: an empty sequence
+            h, attend, cls_index, layout = self._unpadded_start(input_ids, attention_mask, token_type_ids, layout,
+                                                                attn_p)
         else:
+            h, attend, cls_index = self._padded_start(input_ids, attention_mask, token_type_ids, attn_p)
             layout = None
-            b, s = input_ids.shape
-            first = (torch.zeros(b, dtype=torch.int64, device=input_ids.device) if attention_mask is None
-                     else padding.first_token_columns(attention_mask))  # [B]
-            position_ids = (torch.arange(s, device=input_ids.device)[None, :] - first[:, None]).clamp(min=0)
-            h = self.embed(input_ids, token_type_ids, position_ids)  # [B, S, H]
-            mask = attention_mask.bool() if attention_mask is not None else None
-
-            def attend(q, k, v):
-                return ops.attention(q, k, v, mask, attn_p, impl=self._impl("attention"))
-            if mask is not None:
-                first = torch.where(mask.any(1), first, torch.full_like(first, -1))
-            cls_index = first[:, None]  # [B, 1] columns of [B, S, H]; -1: an empty sequence
         h = self._layers(h, attend)
         hidden3d = h[None] if layout is not None else h
         cls = ops.mlm_gather(hidden3d, cls_index, impl=self._impl("mlm_gather"),  # [B, H], zeros when empty
                              check_values=False)
         return EncoderOutput(h, torch.tanh(self.pooler(cls)), layout)
 
+    def _unpadded_start(self, input_ids, attention_mask, token_type_ids, layout, attn_p):
+        """(embeddings [R, H], attend, [CLS] rows [1, B], layout). Bucket-padding rows get the pad token at
+        position 0 with token type 0: finite activations that varlen attention keeps inert."""
+        given = layout is not None  # the collator's layout may have padding rows; one derived here has none
+        if layout is None:
+            layout = padding.layout_from_mask(attention_mask)
+        pad_id = self.config.pad_token_idx
+        h = self.embed(layout.unpad(input_ids, pad_id), layout.unpad(token_type_ids), layout.position_ids())
+
+        impl = self._impl("varlen_attention")
+        guard = given and ops.resolve_impl("varlen_attention", impl, h.device) not in PADDED_ROWS_HONOURED
+        real = layout.real_rows()[:, None, None] if guard else None
+
+        def attend(q, k, v):
+            if real is not None:  # an impl not yet known to honour padded rows: mask them around it
+                q, k, v = (torch.where(real, t, 0) for t in (q, k, v))  # zero gradient at padded rows
+            out = ops.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn_p, impl=impl,
+                                       check_values=False)
+            return out if real is None else torch.where(real, out, 0)
+        return h, attend, layout.first_token_index()[None], layout  # [CLS] rows of [1, R, H]; -1: empty
+
+    def _padded_start(self, input_ids, attention_mask, token_type_ids, attn_p):
+        """(embeddings [B, S, H], attend, [CLS] columns [B, 1]) of the padded layout."""
+        b, s = input_ids.shape
+        first = (torch.zeros(b, dtype=torch.int64, device=input_ids.device) if attention_mask is None
+                 else padding.first_token_columns(attention_mask))  # [B]
+        position_ids = (torch.arange(s, device=input_ids.device)[None, :] - first[:, None]).clamp(min=0)
+        h = self.embed(input_ids, token_type_ids, position_ids)  # [B, S, H]
+        mask = attention_mask.bool() if attention_mask is not None else None
+
+        def attend(q, k, v):
+            return ops.attention(q, k, v, mask, attn_p, impl=self._impl("attention"))
+        if mask is not None:
+            first = torch.where(mask.any(1), first, torch.full_like(first, -1))
+        return h, attend, first[:, None]  # columns of [B, S, H]; -1: an empty sequence
+
+    def given_layout(self, input_ids, attention_mask, unpad_indices, cu_seqlens, max_seqlen
+                     ) -> padding.VarlenLayout | None:
+        """The collator's layout from its three parts (None when not given); with check_inputs, checked against
+        attention_mask (a host sync)."""
+        parts = (unpad_indices, cu_seqlens, max_seqlen)
+        if all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts) or attention_mask is None:
+            raise ValueError("unpad_indices, cu_seqlens and max_seqlen go together, with an attention_mask: give "
+                             "all four or none of the three (Batch.model_inputs does)")
+        b, s = input_ids.shape
+        layout = padding.VarlenLayout(unpad_indices, cu_seqlens, int(max_seqlen), b, s)
+        if self.check_inputs:
+            _check_layout(layout, attention_mask)
+        return layout
     def _layers(self, h, attend):
         dropout_p = self.config.dropout if self.training else 0.0
         for layer in self.layers:
@@ -371,10 +417,14 @@ class BertForPreTraining(BertModel):
                                  f"0 there): use -100 at padding")
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
-                mlm_positions=None, mlm_labels=None, unpad: bool | None = None) -> PreTrainingOutput:
+                mlm_positions=None, mlm_labels=None, unpad: bool | None = None, *, unpad_indices=None,
+                cu_seqlens=None, max_seqlen=None) -> PreTrainingOutput:
+        """unpad_indices, cu_seqlens, max_seqlen: the unpadded layout a Batch carries (bucket-padded; see
+        bertfast.data.Batch); without them the layout is derived from attention_mask (one host sync)."""
         self._check(input_ids, attention_mask, token_type_ids, labels, next_sentence_label, mlm_positions,
                     mlm_labels)
-        enc = self.encode(input_ids, attention_mask, token_type_ids, unpad)
+        layout = self.given_layout(input_ids, attention_mask, unpad_indices, cu_seqlens, max_seqlen)
+        enc = self.encode(input_ids, attention_mask, token_type_ids, unpad, layout)
         seq_relationship_score = self.nsp(enc.pooled)  # [B, 2]
 
         flat, mlm_targets = _mlm_targets(input_ids.shape, labels, mlm_positions, mlm_labels)
@@ -413,6 +463,19 @@ class BertForPreTraining(BertModel):
     def from_hf(cls, hf_model_or_state_dict, config: BertConfig | None = None, **kwargs) -> "BertForPreTraining":
         """A model with the weights of a transformers BertForPreTraining (a model, or its state dict)."""
         return hf.from_hf(cls, hf_model_or_state_dict, config, **kwargs)
+
+
+def _check_layout(layout: padding.VarlenLayout, attention_mask) -> None:
+    """ValueError unless a given layout is attention_mask's: its real rows, its cu_seqlens, a large enough
+    max_seqlen, and bucket-padding rows holding batch * seqlen."""
+    own = padding.layout_from_mask(attention_mask)
+    ind, n = layout.indices, own.total
+    ok = (ind.dim() == 1 and ind.dtype == torch.int64 and ind.numel() >= n and layout.cu_seqlens.dtype == torch.int32
+          and torch.equal(layout.cu_seqlens.cpu(), own.cu_seqlens.cpu()) and layout.max_seqlen >= own.max_seqlen
+          and torch.equal(ind[:n].cpu(), own.indices.cpu()) and bool((ind[n:] == layout.pad_slot).all()))
+    if not ok:
+        raise ValueError("unpad_indices / cu_seqlens / max_seqlen do not describe attention_mask's real tokens "
+                         "(build them with bertfast.ops.padding.batch_layout, as the collator does)")
 
 
 def _mlm_targets(shape, labels, mlm_positions, mlm_labels):

@@ -9,6 +9,12 @@ impl:
              for the extension ops; on CPU, the torch reference for the Triton ops and the extension's C++
              kernels for the extension ops.
 
+Padded rows (issue 31): a batch's token count may be padded up to a fixed bucket, so the unpadded ops see rows
+that belong to no sequence (rows t >= cu_seqlens[-1]). The contract, shared by every impl: row-wise ops
+(layer_norm, bias_gelu) compute them like any row (finite in, finite out); varlen_attention writes zeros there,
+gives them zero dq/dk/dv and lets no real row attend to them; so they add exactly nothing to the loss or to any
+parameter's gradient. Every output element an op returns is written (never left as uninitialised memory).
+
 Every op checks its arguments first, the same way whatever the impl (bertfast.ops._checks): a ValueError
 (OpArgumentError) naming the argument. Checks of tensor contents (cu_seqlens, positions, targets) need a host sync
 on a GPU: they always run on CPU tensors, and on CUDA tensors unless the op is called with check_values=False.
@@ -55,10 +61,19 @@ def op_impl(op: str, impl: str) -> str:
     return impl
 
 
+# (op, impl) -> the function that runs it, resolved once: no import inside an op call, which torch.compile cannot
+# trace (a graph break per call). The reference and the extension's wrappers (light modules) are resolved here;
+# a Triton op's module on its first use (it imports triton).
+_BACKENDS = {(op, "torch"): getattr(reference, op) for op in _OPS}
+_BACKENDS.update({(op, "ext"): getattr(importlib.import_module(spec.impls["ext"]), op)
+                  for op, spec in _OPS.items() if "ext" in spec.impls})
+
+
 def _backend(op: str, impl: str):
-    if impl == "torch":
-        return getattr(reference, op)
-    return getattr(importlib.import_module(_OPS[op].impls[impl]), op)
+    fn = _BACKENDS.get((op, impl))
+    if fn is None:
+        fn = _BACKENDS[(op, impl)] = getattr(importlib.import_module(_OPS[op].impls[impl]), op)
+    return fn
 
 
 def describe(device: torch.device | str, impl: str = "auto") -> dict[str, str]:
@@ -93,9 +108,13 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
                      impl: str = "auto", check_values: bool = True):
-    """Attention on unpadded tokens [total_tokens, heads, head_dim], sequences delimited by cu_seqlens (int32,
-    from 0 to total_tokens, non-decreasing), max_seqlen >= the longest sequence. check_values=False skips the
-    checks of cu_seqlens' contents on CUDA (a host sync); invalid contents are then undefined behaviour."""
+    """Attention on unpadded tokens [rows, heads, head_dim], sequences delimited by cu_seqlens (int32, from 0,
+    non-decreasing, cu_seqlens[-1] <= rows), max_seqlen >= the longest sequence. check_values=False skips the
+    checks of cu_seqlens' contents on CUDA (a host sync); invalid contents are then undefined behaviour.
+
+    Padded rows (every impl): rows t >= cu_seqlens[-1] are bucket padding (the collator pads the token count to a
+    fixed bucket). Their output rows are written as zeros, their dq/dk/dv rows are zeros, no real row attends to
+    them, and they add nothing to any gradient; their inputs must be finite."""
     _checks.varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, check_values)
     fn = _backend("varlen_attention", resolve_impl("varlen_attention", impl, q.device))
     return fn(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)

@@ -68,7 +68,9 @@ def _scale(op, softmax_scale):
 
 
 def _values_checked(t: torch.Tensor, check_values: bool) -> bool:
-    return check_values or t.device.type == "cpu"
+    """Whether to read t's values for the checks: when asked, and always for CPU tensors in eager mode (free
+    there); not for check_values=False under torch.compile, where a host read would break the graph."""
+    return check_values or (t.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,8 +158,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, 
 
 
 def check_cu_seqlens(cu_seqlens, max_seqlen: int, total: int, op: str = "varlen_attention") -> None:
-    """The value checks of cu_seqlens (one host sync on a GPU): starts at 0, non-decreasing, ends at `total`
-    (q's token count), and no sequence longer than max_seqlen."""
+    """The value checks of cu_seqlens (one host sync on a GPU): starts at 0, non-decreasing, ends at most at
+    `total` (q's rows; rows past cu_seqlens[-1] are bucket padding), and no sequence longer than max_seqlen."""
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
         _fail(op, f"cu_seqlens must start at 0, got cu_seqlens[0] = {cu[0]}")
@@ -166,9 +168,9 @@ def check_cu_seqlens(cu_seqlens, max_seqlen: int, total: int, op: str = "varlen_
         if n < 0:
             _fail(op, f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > "
                       f"cu_seqlens[{i + 1}] = {cu[i + 1]}")
-    if cu[-1] != total:
-        _fail(op, f"cu_seqlens must end at the number of tokens, q.shape[0] = {total}, got cu_seqlens[-1] = "
-                  f"{cu[-1]}")
+    if cu[-1] > total:
+        _fail(op, f"cu_seqlens must end at most at the number of rows, q.shape[0] = {total} (rows past "
+                  f"cu_seqlens[-1] are padding), got cu_seqlens[-1] = {cu[-1]}")
     longest = max(lengths, default=0)
     if longest > max_seqlen:
         _fail(op, f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest} tokens, sequence "

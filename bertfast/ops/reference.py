@@ -61,8 +61,10 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None):
     """Attention on unpadded tokens q, k, v [T, H, D]; sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1].
+    Rows t >= cu_seqlens[-1] are bucket padding: zero output, zero gradient, attended by nobody.
 
-    The reference pads into [batch, max_seqlen] (bertfast.ops.padding) and calls `attention`."""
+    The reference pads into [batch, max_seqlen] (bertfast.ops.padding, which drops the padding rows) and calls
+    `attention`; unpadding gives the padding rows zeros."""
     from bertfast.ops import padding  # (the file above this function is the ops' pure reference; padding is a leaf)
 
     layout = padding.layout_from_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])

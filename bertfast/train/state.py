@@ -7,9 +7,20 @@ checkpoints have always had (`step`, `total_steps`, `epochs`, `bad_in_row`, and 
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import torch
+
+# Every value the training loop reads back from the device goes through `host_read`, counted here by purpose, so
+# that a test can see how many reads an optimizer step makes (issue 26: at most one small read per step).
+HOST_READS: collections.Counter = collections.Counter()
+
+
+def host_read(t: torch.Tensor, what: str) -> list | float:
+    """t's values on the host (.tolist(): one blocking device-to-host copy on a GPU), counted under `what`."""
+    HOST_READS[what] += 1
+    return t.tolist()
 
 # Sums kept on the device, so that a step needs no host sync; the order is the checkpoint's list order.
 DEVICE_FIELDS = ("mlm_loss_sum", "mlm_count", "nsp_loss_sum", "nsp_count", "mlm_correct", "nsp_correct")
@@ -41,7 +52,7 @@ class MetricWindow:
         self.host[name] += n
 
     def state(self) -> dict:
-        return {"dev": self.dev.cpu().tolist(), "host": [self.host[k] for k in HOST_FIELDS]}
+        return {"dev": host_read(self.dev, "checkpoint"), "host": [self.host[k] for k in HOST_FIELDS]}
 
     def load(self, s: dict) -> None:
         self.dev = torch.tensor(s["dev"], dtype=torch.float64, device=self.device)
@@ -52,7 +63,7 @@ class MetricWindow:
         per_rank = HOST_FIELDS[:_HOST_PER_RANK]
         packed = torch.cat([self.dev, torch.tensor([self.host[k] for k in per_rank], dtype=torch.float64,
                                                    device=self.device)])
-        packed = all_reduce_sum(packed.clone()).tolist()
+        packed = host_read(all_reduce_sum(packed.clone()), "metrics")
         sums = dict(zip(DEVICE_FIELDS + per_rank, packed))
         sums.update({k: self.host[k] for k in HOST_FIELDS[_HOST_PER_RANK:]})
         return sums

@@ -41,7 +41,7 @@ from bertfast.train.dist import (  # noqa: F401 - _Dist, _select_device: for the
     PeerFailed, TrainingError, _all_reduce_sum, _barrier, _Dist, _on_every_rank, _select_device, _setup_distributed,
     _StopRequest)
 from bertfast.train.plan import RunPlan, plan_run
-from bertfast.train.state import RunState, device_values, summarize
+from bertfast.train.state import HOST_READS, RunState, device_values, host_read, summarize
 from bertfast.train.config import PRECISIONS, ConfigError, TrainConfig, build_model_config
 
 EVAL_BATCH_FACTOR = 2  # evaluation batches are this many times --batch-size (no activations kept for backward)
@@ -475,8 +475,7 @@ def _optimizer_step(run: _Run, batches: _Batches, loss_hook, stop: _StopRequest)
     micro = [batches.next() for _ in range(run.cfg.grad_accum)]
     n_mlm = [int((b.mlm_labels != -100).sum()) for b, _, _ in micro]
     n_seq = [len(b) for b, _, _ in micro]
-    counts = torch.tensor([sum(n_mlm), sum(n_seq)], dtype=torch.float64, device=run.device)
-    g_mlm, g_seq = (max(x, 1.0) for x in _all_reduce_sum(counts, run.d).tolist())
+    g_mlm, g_seq = _global_counts(run, float(sum(n_mlm)), float(sum(n_seq)))
     finite = torch.ones((), dtype=torch.bool, device=run.device)
     ended = []
     for i, (b, epoch, last_of_epoch) in enumerate(micro):
@@ -487,6 +486,16 @@ def _optimizer_step(run: _Run, batches: _Batches, loss_hook, stop: _StopRequest)
             run.state.epoch.reset()
     grad_norm, stop_signum = _update(run, finite, stop)
     return ended, grad_norm, stop_signum
+
+
+def _global_counts(run: _Run, n_mlm: float, n_seq: float) -> tuple[float, float]:
+    """The step's MLM targets and sequences over all ranks (at least 1 each), for the loss weights: known on the
+    host in one process; under DDP one all-reduce and one small read."""
+    if not run.d.enabled:
+        return max(n_mlm, 1.0), max(n_seq, 1.0)
+    counts = torch.tensor([n_mlm, n_seq], dtype=torch.float64, device=run.device)
+    g_mlm, g_seq = host_read(_all_reduce_sum(counts, run.d), "counts")
+    return max(g_mlm, 1.0), max(g_seq, 1.0)
 
 
 def _micro_step(run: _Run, b, n_mlm: int, n_seq: int, g_mlm: float, g_seq: float, last: bool, loss_hook):
@@ -533,7 +542,7 @@ def _update(run: _Run, finite: torch.Tensor, stop: _StopRequest):
         import torch.distributed as dist
 
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    loss_bad, grad_bad, stop_signum = flags.tolist()
+    loss_bad, grad_bad, stop_signum = host_read(flags, "step")
     if loss_bad > 0 or (grad_bad > 0 and not scaler.is_enabled()):
         st.bad_in_row += 1
         st.window.count("skipped")
@@ -542,9 +551,10 @@ def _update(run: _Run, finite: torch.Tensor, stop: _StopRequest):
     else:
         st.bad_in_row = 0
         if scaler.is_enabled():
-            scale = scaler.get_scale()
+            scale = scaler.get_scale()  # fp16 only: two more reads (scaler.get_scale() reads the scale tensor)
             scaler.step(optimizer)  # skips the update itself if a gradient overflowed
             scaler.update()
+            HOST_READS["fp16_scale"] += 2
             if scaler.get_scale() < scale:
                 st.window.count("overflow")
         else:
@@ -572,10 +582,12 @@ def _log(run: _Run, grad_norm: torch.Tensor, metrics_f, bar) -> None:
     st, d = run.state, run.d
     sums = st.window.reduce(lambda t: _all_reduce_sum(t, d))
     dt = max(time.perf_counter() - run.t_window, 1e-9)
-    rec = {"step": st.step, **summarize(sums), "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+    rec = {"step": st.step, **summarize(sums), "lr": run.scheduler.get_last_lr()[0],
+           "grad_norm": host_read(grad_norm, "log"),
            "tokens_per_s": sums["tokens"] / dt, "skipped_steps": int(sums["skipped"]), "epoch": run.loader.epoch}
     if run.scaler.is_enabled():
         rec["loss_scale"] = run.scaler.get_scale()
+        HOST_READS["fp16_scale"] += 1
         rec["overflow_steps"] = int(sums["overflow"])
     if run.peak:
         rec["mfu"] = run.flops * d.world_size / dt / (run.peak * d.world_size)
@@ -626,7 +638,7 @@ def _evaluate(run: _Run, metrics_f, bar) -> dict:
                                  (o.seq_relationship_score.argmax(-1) == x.is_next).sum().double(),
                                  x.attention_mask.sum().double()])
     model.train(was_training)
-    t = dict(zip(EVAL_FIELDS, _all_reduce_sum(sums, run.d).tolist()))
+    t = dict(zip(EVAL_FIELDS, host_read(_all_reduce_sum(sums, run.d), "eval")))
     mlm_n, nsp_n = max(t["mlm_count"], 1.0), max(t["nsp_count"], 1.0)
     rec = {"step": run.state.step, "eval_mlm_loss": t["mlm_loss_sum"] / mlm_n, "eval_mlm_acc": t["mlm_correct"] / mlm_n,
            "eval_nsp_loss": t["nsp_loss_sum"] / nsp_n, "eval_nsp_acc": t["nsp_correct"] / nsp_n,
