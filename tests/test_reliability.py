@@ -122,7 +122,7 @@ def test_a_folder_where_the_lock_cannot_be_created_is_a_clear_error(tmp_path):
     from bertfast.train.lock import OutputDirLockError
 
     (tmp_path / LOCK_NAME).mkdir()  # the lock file's name taken by a folder
-    with pytest.raises(OutputDirLockError, match="cannot lock"):
+    with pytest.raises(OutputDirLockError, match="lock file, is a folder: remove it"):
         RunLock(str(tmp_path)).acquire()
 
 
@@ -194,6 +194,17 @@ def test_finetune_into_a_pretraining_run_is_refused_and_leaves_it_untouched(pret
                   "--epochs", "1", "--batch-size", "8", model=pretrained_run)
     assert r.returncode == 0, r.stderr
     assert (pretrained_run / "results.json").exists() and not (pretrained_run / LOCK_NAME).exists()
+
+
+def test_an_export_into_another_runs_folder_is_refused_and_leaves_it_untouched(pretrained_run, tmp_path):
+    before = _tree(pretrained_run)
+    r = _finetune(tmp_path / "ft", "--export-hf", str(pretrained_run))
+    assert r.returncode == 2 and "argument --export-hf" in r.stderr and "holds a pretraining run" in r.stderr, r.stderr
+    assert_one_line_error(r.stderr)
+    assert _tree(pretrained_run) == before and not (tmp_path / "ft").exists()
+    r = _pretrain(tmp_path / "run", "--max-steps", "2", "--export-hf", str(pretrained_run))
+    assert r.returncode == 2 and "argument --export-hf" in r.stderr and "holds a pretraining run" in r.stderr, r.stderr
+    assert _tree(pretrained_run) == before and not (tmp_path / "run").exists()
 
 
 def test_pretrain_into_a_finetuning_run_is_refused_and_leaves_it_untouched(tmp_path):

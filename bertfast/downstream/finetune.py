@@ -226,7 +226,7 @@ def run(cfg: FinetuneConfig, *, log=print) -> dict:
 def _output_locks(cfg: FinetuneConfig, log):
     """One writer per folder (bertfast.train.lock): --output-dir's lock (and --export-hf's) for the whole run; a
     folder that holds a pretraining run is refused unless --overwrite-output-dir."""
-    from bertfast.train.lock import PRETRAINING, RunLock, describe_kind, folder_kind
+    from bertfast.train.lock import PRETRAINING, RunLock, describe_kind, folder_kind, refuse_run_as_export
 
     with contextlib.ExitStack() as stack:
         folders = [(cfg.output_dir, "--output-dir")]
@@ -241,6 +241,10 @@ def _output_locks(cfg: FinetuneConfig, log):
             raise ConfigError("--output-dir", f"{describe_kind(cfg.output_dir, kind)}; fine-tuning there would "
                               "replace its metrics.jsonl (the pretraining history). Choose another --output-dir "
                               "(e.g. a subfolder), or pass --overwrite-output-dir to write there anyway")
+        try:
+            refuse_run_as_export(cfg.export_hf, cfg.output_dir, cfg.overwrite_output_dir)
+        except ValueError as e:  # train's ConfigError: this program's, with the same flag and words
+            raise ConfigError(e.flag, e.message) from None
         yield
 
 

@@ -30,8 +30,12 @@ class OutputDirBusy(RuntimeError):
 
     def __init__(self, flag: str, folder: str, owner: dict):
         self.flag, self.folder, self.owner = flag, folder, owner
-        super().__init__(f"argument {flag}: {folder!r} is being written by another run ({_who(owner)}); wait for "
-                         "it to finish or stop it, or choose another folder. Two writers would mix their metrics "
+        gone = ""
+        if owner.get("pid") and owner.get("host") == socket.gethostname() and not _alive(owner):
+            gone = (f"; pid {owner['pid']} has ended, but a process it started (a data-loader worker?) still holds "
+                    "the lock: try again in a few seconds")
+        super().__init__(f"argument {flag}: {folder!r} is being written by another run ({_who(owner)}){gone}; wait "
+                         "for it to finish or stop it, or choose another folder. Two writers would mix their metrics "
                          "and checkpoints")
 
 
@@ -40,9 +44,25 @@ class OutputDirLockError(RuntimeError):
 
     def __init__(self, flag: str, folder: str, err: OSError):
         self.flag = flag
-        super().__init__(f"argument {flag}: cannot lock {os.path.join(folder, LOCK_NAME)!r} ({err.strerror or err}); "
-                         "the run needs a folder it can write to, on a file system with file locks (not every "
-                         "network file system has them): choose another folder")
+        where = os.path.join(folder, LOCK_NAME)
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR):
+            why = f"cannot create {where!r} ({err.strerror or err}): choose a folder you can write to"
+        elif err.errno == errno.EISDIR:
+            why = f"{where!r}, the run's lock file, is a folder: remove it (or choose another folder)"
+        else:
+            why = (f"cannot lock {where!r} ({err.strerror or err}): the run needs a folder it can write to, on a "
+                   "file system with file locks: choose another folder")
+        super().__init__(f"argument {flag}: {why}")
+
+
+def _command() -> str:
+    """This process's command line as typed: `python -m bertfast.pretrain --flags` (not the module's file path)."""
+    import shlex
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None and spec.name else \
+        f"python {sys.argv[0] if sys.argv else ''}".rstrip()
+    return " ".join([head] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
 def _who(owner: dict) -> str:
@@ -86,7 +106,7 @@ class RunLock:
     def __init__(self, folder: str, flag: str = "--output-dir", *, enabled: bool = True, command: str | None = None):
         self.folder, self.flag, self.enabled = folder, flag, enabled
         self.path = os.path.join(folder, LOCK_NAME)
-        self.command = command if command is not None else " ".join(["python"] + sys.argv)
+        self.command = command if command is not None else _command()
         self.fd: int | None = None
         self.created_folder = False
         self.flocked = False
@@ -225,6 +245,20 @@ def folder_kind(folder: str) -> str | None:
     if "train_loss" in rec:
         return FINETUNING
     return None
+
+
+def refuse_run_as_export(export_dir: str | None, output_dir: str, overwrite: bool) -> None:
+    """--export-hf into another run's folder (not this run's own --output-dir) would put a transformers
+    config.json and weights among that run's files: refused (exit 2) unless --overwrite-output-dir."""
+    if not export_dir or overwrite or os.path.realpath(export_dir) == os.path.realpath(output_dir):
+        return
+    kind = folder_kind(export_dir)
+    if kind is not None:
+        from bertfast.train.config import ConfigError
+
+        raise ConfigError("--export-hf", f"{describe_kind(export_dir, kind)}; an export there would mix a "
+                          "transformers model into it. Choose another --export-hf folder (or pass "
+                          "--overwrite-output-dir to write there anyway)")
 
 
 def describe_kind(folder: str, kind: str) -> str:

@@ -43,7 +43,7 @@ from bertfast.train.dist import (  # noqa: F401 - _Dist, _select_device: for the
 from bertfast.train.plan import RunPlan, plan_run
 from bertfast.train.state import RunState, device_values, summarize
 from bertfast.train.config import PRECISIONS, ConfigError, TrainConfig, build_model_config, check_settings
-from bertfast.train.lock import FINETUNING, RunLock, describe_kind, folder_kind
+from bertfast.train.lock import FINETUNING, RunLock, describe_kind, folder_kind, refuse_run_as_export
 
 EVAL_BATCH_FACTOR = 2  # evaluation batches are this many times --batch-size (no activations kept for backward)
 
@@ -260,6 +260,7 @@ def _output_locks(cfg: TrainConfig, d: _Dist, log):
                 raise ConfigError("--output-dir", f"{describe_kind(cfg.output_dir, kind)}; pretraining there would "
                                   "replace its metrics.jsonl. Choose another --output-dir, or pass "
                                   "--overwrite-output-dir to write there anyway")
+            refuse_run_as_export(cfg.export_hf, cfg.output_dir, cfg.overwrite_output_dir)
 
         _on_every_rank(d, take, run_here=d.is_main)
         yield
