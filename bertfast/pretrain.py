@@ -112,11 +112,12 @@ def main(argv=None) -> int:
         return 0
     from bertfast.train.checkpoint import CheckpointError, CheckpointSaveError
     from bertfast.data import DataError
+    from bertfast.train.lock import OutputDirBusy, OutputDirLockError
 
     try:
         train(cfg, given=given)
-    except ConfigError as e:  # exit 2: a user error, reported before any work
-        return _error(e, 2)
+    except (ConfigError, OutputDirBusy, OutputDirLockError) as e:  # exit 2: a user error (or a folder another
+        return _error(e, 2)                                         # run writes), reported before any work
     except (CheckpointError, DataError) as e:  # bad data, a checkpoint of another model: exit 2 as well
         return _error(e, 2)
     except (TrainingError, CheckpointSaveError) as e:  # the run had to stop (non-finite losses, a full disk)

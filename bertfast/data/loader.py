@@ -410,6 +410,14 @@ def check_nsp_balance(pairs, tokens, what: str) -> float:
     return share
 
 
+def _docs_needed(fraction: float) -> int:
+    """The fewest documents a held-out split of `fraction` leaves 2 of to train on (split_documents' rule)."""
+    n = MIN_EVAL_DOCS + 2
+    while n - max(MIN_EVAL_DOCS, math.ceil(fraction * n)) < 2 and n < 10 ** 8:
+        n += 1 if n < 10 ** 4 else n // 100
+    return n
+
+
 def split_documents(docs, docs_key: str, fraction: float, seed: int, what: str = "load_data"):
     """Hold out whole documents: ``max(8, ceil(fraction * n))`` of them, chosen by a generator seeded by
     ``seed`` alone; both parts keep corpus order. -> (train docs, train key, eval docs, eval key). The split
@@ -417,9 +425,17 @@ def split_documents(docs, docs_key: str, fraction: float, seed: int, what: str =
     """
     n = len(docs)
     n_eval = max(MIN_EVAL_DOCS, math.ceil(fraction * n))
-    if n - n_eval < 2:
-        raise DataError(f"{what} with eval_fraction={fraction}", f"holding out {n_eval} of its {n} documents leaves "
-                        f"{n - n_eval} to train on", "Give more documents, or evaluate on other data (--eval-data).")
+    if n - n_eval < 2:  # two documents at least to train on (NSP's random B comes from another document)
+        if n_eval >= n:
+            why = (f"the corpus has only {n} document{'s' if n != 1 else ''}, and the held-out split takes whole "
+                   f"documents, at least {MIN_EVAL_DOCS}" + (f" (here {n_eval})" if n_eval != MIN_EVAL_DOCS else "")
+                   + ": none would be left to train on")
+        else:
+            why = f"holding out {n_eval} of its {n} documents would leave only {n - n_eval} to train on (2 needed)"
+        raise DataError(f"{what} with eval_fraction={fraction}", why,
+                        f"Turn the held-out split off (--eval-fraction 0), evaluate on other data (--eval-data), "
+                        f"or give at least {_docs_needed(fraction)} documents (a blank line separates documents in "
+                        "a .txt file).")
     rng = np.random.Generator(np.random.PCG64([seed, 0x5E1D_0C5]))
     held = np.zeros(n, dtype=bool)
     held[rng.permutation(n)[:n_eval]] = True

@@ -16,6 +16,7 @@ last epoch's metrics by name, with what was run). See docs/finetune.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,6 +62,7 @@ class FinetuneConfig:
     device: str = "auto"
     output_dir: str = "runs/finetune"
     export_hf: str | None = None
+    overwrite_output_dir: bool = False  # write into a folder that holds a pretraining run
     progress: bool = True
 
 
@@ -202,13 +204,53 @@ def evaluate(model, data: _Encoded, task: TaskData, *, batch_size: int, pad_id: 
     return {"eval_loss": loss_sum / len(data), **compute_metrics(task.metrics, p, data.labels.numpy())}
 
 
+class FinetuneError(RuntimeError):
+    """The run had to stop (a non-finite training loss): exit 1, nothing exported."""
+
+
 def run(cfg: FinetuneConfig, *, log=print) -> dict:
     """Fine-tune as `cfg` says; returns what results.json holds. Raises ConfigError (a bad setting or --model) or
-    TaskError (bad task data), both before any training."""
+    TaskError (bad task data), both before any training; OutputDirBusy while another run writes --output-dir (or
+    --export-hf); FinetuneError when the training loss turns non-finite."""
     validate_config(cfg)
-    task = load_task(cfg.task, train=cfg.train, validation=cfg.validation, text_column=cfg.text_column,
-                     text_pair_column=cfg.text_pair_column, label_column=cfg.label_column, glue_dir=cfg.glue_dir,
-                     builtin_train=cfg.builtin_train, builtin_validation=cfg.builtin_validation)
+    with _output_locks(cfg, log):
+        task = load_task(cfg.task, train=cfg.train, validation=cfg.validation, text_column=cfg.text_column,
+                         text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+                         glue_dir=cfg.glue_dir, builtin_train=cfg.builtin_train,
+                         builtin_validation=cfg.builtin_validation)
+        pre, max_len = _load_model(cfg)
+        return _run(cfg, task, pre, max_len, log)
+
+
+@contextlib.contextmanager
+def _output_locks(cfg: FinetuneConfig, log):
+    """One writer per folder (bertfast.train.lock): --output-dir's lock (and --export-hf's) for the whole run; a
+    folder that holds a pretraining run is refused unless --overwrite-output-dir."""
+    from bertfast.train.lock import PRETRAINING, RunLock, describe_kind, folder_kind, refuse_run_as_export
+
+    with contextlib.ExitStack() as stack:
+        folders = [(cfg.output_dir, "--output-dir")]
+        if cfg.export_hf and os.path.realpath(cfg.export_hf) != os.path.realpath(cfg.output_dir):
+            folders.append((cfg.export_hf, "--export-hf"))
+        for folder, flag in folders:
+            lock = stack.enter_context(RunLock(folder, flag))
+            if lock.took_over:
+                log(lock.took_over)
+        kind = folder_kind(cfg.output_dir)
+        if kind == PRETRAINING and not cfg.overwrite_output_dir:
+            raise ConfigError("--output-dir", f"{describe_kind(cfg.output_dir, kind)}; fine-tuning there would "
+                              "replace its metrics.jsonl (the pretraining history). Choose another --output-dir "
+                              "(e.g. a subfolder), or pass --overwrite-output-dir to write there anyway")
+        try:
+            refuse_run_as_export(cfg.export_hf, cfg.output_dir, cfg.overwrite_output_dir)
+        except ValueError as e:  # train's ConfigError: this program's, with the same flag and words
+            raise ConfigError(e.flag, e.message) from None
+        yield
+
+
+def _load_model(cfg: FinetuneConfig):
+    """(the pretrained model, the max_len to use); ConfigError for a --model / --tokenizer / --max-len that does
+    not work."""
     from bertfast.train.pretrained import load_pretrained
 
     try:
@@ -218,77 +260,116 @@ def run(cfg: FinetuneConfig, *, log=print) -> dict:
     model_max = pre.config.max_len
     if cfg.max_len is not None and cfg.max_len > model_max:
         raise ConfigError("--max-len", f"{cfg.max_len} is longer than the model's {model_max} position embeddings")
-    max_len = cfg.max_len or min(128, model_max)
-    tok = pre.tokenizer
-    device = _device(cfg)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    t0 = time.perf_counter()
+    return pre, cfg.max_len or min(128, model_max)
 
-    train = _Encoded(tok, task.train, max_len, task.regression)
-    val = _Encoded(tok, task.validation, max_len, task.regression)
+
+@dataclass
+class _Fit:
+    """The training objects of one fine-tuning run."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    scaler: torch.amp.GradScaler
+    autocast: object
+    gen: torch.Generator
+    device: torch.device
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+
+def _setup(cfg: FinetuneConfig, pre, task: TaskData, n_train: int) -> _Fit:
+    """Model (seeded by cfg.seed), AdamW, warmup-then-linear-decay schedule, precision, the data-order generator;
+    then the dropout stream is seeded."""
+    device = _device(cfg)
     model = build_model(cfg, pre, task).to(device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
     amp = PRECISIONS[cfg.precision]
-    autocast = lambda: _autocast(device.type, amp)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1)  # dropout
+    return _Fit(model=model, optimizer=optimizer, schedule=schedule, scaler=scaler,
+                autocast=lambda: _autocast(device.type, amp), gen=gen, device=device,
+                steps_per_epoch=steps_per_epoch, total=total, warmup=warmup)
 
+
+def _train_step(cfg: FinetuneConfig, fit: _Fit, b: dict, step: int) -> float:
+    """One optimizer step on batch `b` (step: its number, from 1); its loss, FinetuneError if not finite."""
+    with fit.autocast():
+        out = fit.model(**b)
+    fit.scaler.scale(out.loss).backward()
+    if fit.scaler.is_enabled():
+        fit.scaler.unscale_(fit.optimizer)
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(fit.model.parameters(), cfg.clip_grad)
+    fit.scaler.step(fit.optimizer)
+    fit.scaler.update()
+    fit.optimizer.zero_grad(set_to_none=True)
+    fit.schedule.step()
+    loss = float(out.loss.detach())
+    if not math.isfinite(loss):
+        raise FinetuneError(f"non-finite training loss at step {step}; stopped, nothing exported and no "
+                            f"results.json written: lower --lr or use --precision fp32")
+    return loss
+
+
+def _epochs(cfg: FinetuneConfig, fit: _Fit, data, task: TaskData, pad_id: int, bar, say, mf):
+    """Every epoch: its batches in a fresh order, then the validation metrics (one metrics.jsonl record each).
+    Returns (the last epoch's record, the step count)."""
+    train, val = data
+    step, record = 0, {}
+    fit.model.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train), generator=fit.gen).tolist()
+        loss_sum, seen = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            b = {k: v.to(fit.device) for k, v in train.batch(idx, pad_id).items()}
+            step += 1
+            loss = _train_step(cfg, fit, b, step)
+            loss_sum, seen = loss_sum + loss * len(idx), seen + len(idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        ev = evaluate(fit.model, val, task, batch_size=2 * cfg.batch_size, pad_id=pad_id, device=fit.device,
+                      autocast=fit.autocast)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
+                  "lr": fit.schedule.get_last_lr()[0], **ev}
+        mf.write(json.dumps(record) + "\n")
+        mf.flush()
+        say(f"epoch {epoch + 1}: train_loss={record['train_loss']:.4f} eval_loss={ev['eval_loss']:.4f} " +
+            " ".join(f"{m}={ev[m]:.4f}" for m in task.metrics))
+    return record, step
+
+
+def _run(cfg: FinetuneConfig, task: TaskData, pre, max_len: int, log) -> dict:
+    """Encode, train, score, write results.json and the export (under the folders' locks)."""
+    tok = pre.tokenizer
+    t0 = time.perf_counter()
+    train = _Encoded(tok, task.train, max_len, task.regression)
+    val = _Encoded(tok, task.validation, max_len, task.regression)
+    fit = _setup(cfg, pre, task, len(train))
     where = "fresh weights (--from-scratch) of " if cfg.from_scratch else ""
     log(f"bertfast fine-tuning: {task.name}, {len(train)} train / {len(val)} validation examples, "
         + ("regression" if task.regression else f"{task.num_labels} classes ({', '.join(task.label_names)})"))
     log(f"  model: {where}{pre.describe()}")
-    log(f"  {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr}, warmup {warmup} "
-        f"steps, max_len {max_len}, {cfg.precision} on {device}")
+    log(f"  {cfg.epochs} epochs x {fit.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr}, warmup "
+        f"{fit.warmup} steps, max_len {max_len}, {cfg.precision} on {fit.device}")
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="finetune", dynamic_ncols=True, file=sys.stderr)
-    say = bar.write if bar is not None else log
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    step, record = 0, {}
-    model.train()
+        bar = tqdm(total=fit.total, desc="finetune", dynamic_ncols=True, file=sys.stderr)
     try:
-        with open(metrics_path, "w") as mf:
-            for epoch in range(cfg.epochs):
-                order = torch.randperm(len(train), generator=gen).tolist()
-                loss_sum, seen = 0.0, 0
-                for start in range(0, len(order), cfg.batch_size):
-                    idx = order[start:start + cfg.batch_size]
-                    b = {k: v.to(device) for k, v in train.batch(idx, tok.pad_token_id).items()}
-                    with autocast():
-                        out = model(**b)
-                    scaler.scale(out.loss).backward()
-                    if scaler.is_enabled():
-                        scaler.unscale_(optimizer)
-                    if cfg.clip_grad > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    schedule.step()
-                    step += 1
-                    loss = float(out.loss.detach())
-                    if not math.isfinite(loss):
-                        raise RuntimeError(f"non-finite training loss at step {step}: lower --lr or use fp32")
-                    loss_sum, seen = loss_sum + loss * len(idx), seen + len(idx)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                ev = evaluate(model, val, task, batch_size=2 * cfg.batch_size, pad_id=tok.pad_token_id,
-                              device=device, autocast=autocast)
-                record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
-                          "lr": schedule.get_last_lr()[0], **ev}
-                mf.write(json.dumps(record) + "\n")
-                mf.flush()
-                say(f"epoch {epoch + 1}: train_loss={record['train_loss']:.4f} eval_loss={ev['eval_loss']:.4f} " +
-                    " ".join(f"{m}={ev[m]:.4f}" for m in task.metrics))
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as mf:
+            record, step = _epochs(cfg, fit, (train, val), task, tok.pad_token_id,
+                                   bar, bar.write if bar is not None else log, mf)
     finally:
         if bar is not None:
             bar.close()
@@ -299,6 +380,11 @@ def run(cfg: FinetuneConfig, *, log=print) -> dict:
                "labels": None if task.regression else task.label_names, "regression": task.regression,
                "max_len": max_len, "time_s": round(time.perf_counter() - t0, 1),
                "config": dataclasses.asdict(cfg)}
+    _write_outputs(cfg, results, fit.model, task, tok, log)
+    return results
+
+
+def _write_outputs(cfg: FinetuneConfig, results: dict, model, task: TaskData, tok, log) -> None:
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     log("results: " + ", ".join(f"{m}={results[m]:.4f}" for m in task.metrics) +
@@ -306,7 +392,6 @@ def run(cfg: FinetuneConfig, *, log=print) -> dict:
     if cfg.export_hf:
         export_hf(model.cpu(), task, tok, cfg.export_hf)
         log(f"exported a transformers BertForSequenceClassification + tokenizer to {cfg.export_hf}")
-    return results
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -355,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-dir", default=d.output_dir, help="metrics.jsonl and results.json go here")
     r.add_argument("--export-hf", default=None, metavar="DIR", help="at the end, write a transformers "
                    "BertForSequenceClassification + tokenizer to DIR")
+    r.add_argument("--overwrite-output-dir", action="store_true", help="write into an --output-dir that holds a "
+                   "pretraining run (train_config.json, checkpoints/), replacing its metrics.jsonl; refused "
+                   "without this flag")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -364,10 +452,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    from bertfast.train.lock import OutputDirBusy, OutputDirLockError
+
     try:
         run(cfg)
-    except (ConfigError, TaskError) as e:  # exit 2, before any training
+    except (ConfigError, TaskError, OutputDirBusy, OutputDirLockError) as e:  # exit 2, before any training
         parser.error(str(e))
+    except FinetuneError as e:  # the run had to stop
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -436,36 +436,11 @@ def save_checkpoint(output_dir: str, step: int, model, config_dict: dict, state:
     tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
     # safetensors refuses tensors that share storage; the tied decoder is word_embeddings itself (no copy)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    need = _tensor_bytes(weights, set()) + _tensor_bytes(state, set())
-    if isinstance(tokenizer, (str, os.PathLike)) and os.path.isdir(tokenizer):
-        need += _tree_bytes(tokenizer)
-    free = _free_bytes(root)
-    if free is not None and free < need:  # `need` is a lower bound of the files' size: this save cannot fit
-        raise DiskFullError(root, need, free, _tree_bytes(os.path.join(root, CORRUPT_DIR)),
-                            bool(list_checkpoints(output_dir)))
+    need = _check_room(output_dir, root, weights, state, tokenizer)
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:
-        os.makedirs(tmp)
-        _write_weights(os.path.join(tmp, "model.safetensors"), weights, {"step": str(step)})
-        _write_json(os.path.join(tmp, "config.json"), config_dict)
-        _write_state(os.path.join(tmp, "state.pt"), state)
-        files = list(_FILES)
-        manifest = {"step": step, "files": {}}
-        if tokenizer is not None:
-            files += _write_tokenizer(tokenizer, os.path.join(tmp, TOKENIZER_DIR))
-            manifest["tokenizer"] = {"fingerprint": tokenizer_fingerprint(tokenizer)}
-        for rel in files:
-            p = os.path.join(tmp, rel)
-            _fsync_file(p)
-            manifest["files"][rel] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if tokenizer is not None:
-            _fsync_dir(os.path.join(tmp, TOKENIZER_DIR))
-        _fsync_dir(tmp)
+        _write_folder(tmp, step, weights, config_dict, state, tokenizer)
     except BaseException as e:
         free_now, written = _free_bytes(root), _tree_bytes(tmp)  # measured before the partial folder goes
         shutil.rmtree(tmp, ignore_errors=True)
@@ -483,6 +458,42 @@ def save_checkpoint(output_dir: str, step: int, model, config_dict: dict, state:
     _VERIFIED[final] = _signature(final)  # hashed just now, while writing
     prune_checkpoints(output_dir, keep, log=log, _protect=final)
     return final
+
+
+def _check_room(output_dir: str, root: str, weights: dict, state: dict, tokenizer) -> int:
+    """The checkpoint's size (a lower bound); DiskFullError when the device has less free space than that."""
+    need = _tensor_bytes(weights, set()) + _tensor_bytes(state, set())
+    if isinstance(tokenizer, (str, os.PathLike)) and os.path.isdir(tokenizer):
+        need += _tree_bytes(tokenizer)
+    free = _free_bytes(root)
+    if free is not None and free < need:  # `need` is a lower bound of the files' size: this save cannot fit
+        raise DiskFullError(root, need, free, _tree_bytes(os.path.join(root, CORRUPT_DIR)),
+                            bool(list_checkpoints(output_dir)))
+    return need
+
+
+def _write_folder(tmp: str, step: int, weights: dict, config_dict: dict, state: dict, tokenizer) -> None:
+    """The checkpoint's files in the new folder `tmp`, then its manifest (sizes and hashes), all fsynced."""
+    os.makedirs(tmp)
+    _write_weights(os.path.join(tmp, "model.safetensors"), weights, {"step": str(step)})
+    _write_json(os.path.join(tmp, "config.json"), config_dict)
+    _write_state(os.path.join(tmp, "state.pt"), state)
+    files = list(_FILES)
+    manifest = {"step": step, "files": {}}
+    if tokenizer is not None:
+        files += _write_tokenizer(tokenizer, os.path.join(tmp, TOKENIZER_DIR))
+        manifest["tokenizer"] = {"fingerprint": tokenizer_fingerprint(tokenizer)}
+    for rel in files:
+        p = os.path.join(tmp, rel)
+        _fsync_file(p)
+        manifest["files"][rel] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if tokenizer is not None:
+        _fsync_dir(os.path.join(tmp, TOKENIZER_DIR))
+    _fsync_dir(tmp)
 
 
 def _install(root: str, name: str, tmp: str, log) -> None:

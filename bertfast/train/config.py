@@ -118,6 +118,9 @@ class TrainConfig:
                                  "the end", "run")
     keep_checkpoints: int = _opt(3, "the newest K checkpoints are kept", "run")
     resume: bool = _opt(False, "continue from the newest intact checkpoint in --output-dir", "run")
+    overwrite_output_dir: bool = _opt(False, "pretrain into an --output-dir that holds a fine-tuning run "
+                                      "(results.json), replacing its metrics.jsonl, or --export-hf into a run's "
+                                      "folder (both refused without this)", "run")
     export_hf: str | None = _opt(None, "at the end, write a transformers BertForPreTraining (config.json, "
                                  "model.safetensors) and the tokenizer to DIR", "run", metavar="DIR",
                                  shown="none")

@@ -27,7 +27,7 @@ from bertfast.train.config import ConfigError, TrainConfig, check_settings, flag
 RESUME_MUST_MATCH = ("preset", "max_len", "max_position_embeddings", "dropout", "data", "builtin_docs", "vocab_size",
                      "seed", "batch_size", "grad_accum", "whole_word_masking", "sentences_per_doc", "text_column",
                      "doc_column", "eval_fraction", "eval_data", "optimizer")
-RESUME_IGNORED = ("output_dir", "resume", "tokenizer", "init_from")  # the tokenizer: checked by fingerprint
+RESUME_IGNORED = ("output_dir", "resume", "tokenizer", "init_from", "overwrite_output_dir")  # the tokenizer: checked by fingerprint
 
 
 @dataclass

@@ -42,7 +42,8 @@ from bertfast.train.dist import (  # noqa: F401 - _Dist, _select_device: for the
     _StopRequest)
 from bertfast.train.plan import RunPlan, plan_run
 from bertfast.train.state import HOST_READS, RunState, device_values, host_read, summarize
-from bertfast.train.config import PRECISIONS, ConfigError, TrainConfig, build_model_config
+from bertfast.train.config import PRECISIONS, ConfigError, TrainConfig, build_model_config, check_settings
+from bertfast.train.lock import FINETUNING, RunLock, describe_kind, folder_kind, refuse_run_as_export
 
 EVAL_BATCH_FACTOR = 2  # evaluation batches are this many times --batch-size (no activations kept for backward)
 
@@ -221,22 +222,48 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None, given=None) -> dict:
     in the checkpoint; None (the default) takes every field from cfg. Raises ConfigError for bad settings (before
     any work), TrainingError when the run must stop, checkpoint.CheckpointError for a checkpoint that does not
     fit."""
-    plan = validate_config(cfg, given)
-    if plan.nothing_left:
-        return _nothing_left(plan, log)
-    cfg = plan.cfg
+    check_settings(cfg)  # the checks that need nothing (again in the plan): before any process group or lock
     dev_type = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
         else "cpu"
     dist_ = _setup_distributed(dev_type)
     threads = torch.get_num_threads()
     try:
-        return _train(plan, dist_, log, loss_hook)
+        with _output_locks(cfg, dist_, log):  # one writer per folder; the plan reads the folder only under it
+            plan = validate_config(cfg, given)
+            if plan.nothing_left:
+                return _nothing_left(plan, log)
+            return _train(plan, dist_, log, loss_hook)
     finally:
         torch.set_num_threads(threads)  # the run's setting is not left behind for the caller
         if dist_.initialized_here:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _output_locks(cfg: TrainConfig, d: _Dist, log):
+    """Hold --output-dir's (and --export-hf's) lock for the run (bertfast.train.lock). Rank 0 takes them: the
+    ranks of one torchrun job are one writer; when rank 0 is refused, the others stop with its message. A folder
+    that holds a fine-tuning run is refused unless --overwrite-output-dir."""
+    folders = [(cfg.output_dir, "--output-dir")]
+    if cfg.export_hf and os.path.realpath(cfg.export_hf) != os.path.realpath(cfg.output_dir):
+        folders.append((cfg.export_hf, "--export-hf"))
+    with contextlib.ExitStack() as stack:
+        def take():
+            for folder, flag in folders:
+                lock = stack.enter_context(RunLock(folder, flag, enabled=d.is_main))
+                if lock.took_over:
+                    log(lock.took_over)
+            kind = folder_kind(cfg.output_dir)
+            if kind == FINETUNING and not cfg.overwrite_output_dir:
+                raise ConfigError("--output-dir", f"{describe_kind(cfg.output_dir, kind)}; pretraining there would "
+                                  "replace its metrics.jsonl. Choose another --output-dir, or pass "
+                                  "--overwrite-output-dir to write there anyway")
+            refuse_run_as_export(cfg.export_hf, cfg.output_dir, cfg.overwrite_output_dir)
+
+        _on_every_rank(d, take, run_here=d.is_main)
+        yield
 
 
 def _train(plan: RunPlan, d: _Dist, log, loss_hook) -> dict:
@@ -708,6 +735,7 @@ def _save(run: _Run) -> str:
 def _finish(run: _Run) -> dict:
     st, cfg = run.state, run.cfg
     rec = st.last_log
+    _refuse_a_non_finite_end(run)
     if run.d.is_main and not rec:  # a resume whose step count was only known once the data was loaded
         run.log(f"done: nothing left to train, {st.last_checkpoint} is already at the run's last step ({st.step}); "
                 "raise --max-steps or --epochs to train further")
@@ -722,6 +750,25 @@ def _finish(run: _Run) -> dict:
         _plot_curves(cfg.output_dir, run.log)
     _barrier(run.d)
     return {**_summary(st.step, rec, st.last_checkpoint, cfg.output_dir, st.epochs), "eval": run.last_eval}
+
+
+def _refuse_a_non_finite_end(run: _Run) -> None:
+    """A run whose last step(s) had non-finite losses (skipped, fewer than --max-bad-steps of them) did not end
+    trained: TrainingError (exit 1) instead of "done", its last checkpoint kept for debugging, no --export-hf. A
+    bad step followed by good ones is only a warning (the window's logged loss shows the non-finite value)."""
+    st, cfg = run.state, run.cfg
+    if st.bad_in_row:
+        first = st.step - st.bad_in_row + 1
+        steps = f"step {st.step}" if st.bad_in_row == 1 else f"steps {first}-{st.step}"
+        kept = f"{st.last_checkpoint} is kept for debugging" if st.last_checkpoint else "no checkpoint was written"
+        export = f"; --export-hf {cfg.export_hf} was not written" if cfg.export_hf else ""
+        raise TrainingError(f"the run ended with non-finite losses: the last {st.bad_in_row} step(s) ({steps}) were "
+                            f"skipped, so the model did not train at the end; {kept}{export}. Lower --lr, raise "
+                            "--warmup-steps, or use --precision fp32.")
+    rec = st.last_log
+    if rec and rec.get("skipped_steps"):
+        run.say(f"warning: {rec['skipped_steps']} step(s) of the last logged window had non-finite losses and were "
+                "skipped (its logged loss includes them); the steps after them were finite")
 
 
 def _plot_curves(output_dir: str, log) -> None:
