@@ -100,12 +100,6 @@ def _varlen_contract(impl, dtype):
         assert torch.isfinite(t.grad).all() and (t.grad[12:] == 0).all()
 
 
-TRITON_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "the Triton varlen kernel (kernels/attention.py) leaves bucket-padding rows unwritten (torch.empty): "
-    "issue 26's kernel helper implements the padded-rows contract there"))
-
-
-@TRITON_XFAIL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_varlen_attention_padded_rows_triton(poisoned, dtype):
     _varlen_contract("triton", dtype)
@@ -119,15 +113,14 @@ def _triton_model_is_inert(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_padded_rows_are_inert_triton_with_the_models_guard(poisoned, dtype):
-    """Until the Triton kernel honours padded rows, the model masks them around it (PADDED_ROWS_HONOURED)."""
+def test_padded_rows_are_inert_with_the_models_guard(poisoned, dtype, monkeypatch):
+    """An impl not known to honour padded rows gets them masked around it by the model (PADDED_ROWS_HONOURED)."""
     from bertfast.model import bert
 
-    assert "triton" not in bert.PADDED_ROWS_HONOURED
+    monkeypatch.setattr(bert, "PADDED_ROWS_HONOURED", frozenset({"torch"}))
     _triton_model_is_inert(dtype)
 
 
-@TRITON_XFAIL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_padded_rows_are_inert_triton_kernel_alone(poisoned, dtype, monkeypatch):
     """The kernel itself, without the model's guard: what lets "triton" join PADDED_ROWS_HONOURED."""

@@ -37,9 +37,9 @@ from bertfast.model.config import PRESETS, BertConfig  # noqa: F401  (PRESETS: r
 
 # The varlen_attention impls tested to honour the padded-rows contract (bertfast.ops: zero outputs and zero
 # dq/dk/dv at rows past cu_seqlens[-1], poisoned memory). With any other impl the model masks padded rows around
-# the op (4 where() per layer, so NaN or garbage a kernel leaves in them cannot reach a weight). Add "triton" once
-# kernels/attention.py passes tests/test_padded_rows.py's Triton op tests.
-PADDED_ROWS_HONOURED = frozenset({"torch"})
+# the op (4 where() per layer, so NaN or garbage a kernel leaves in them cannot reach a weight). The Triton kernels
+# write zeros there themselves (kernels/attention.py fill_padding_rows; tests/test_padded_rows.py, kernel alone).
+PADDED_ROWS_HONOURED = frozenset({"torch", "triton"})
 
 
 class PreTrainingOutput:
