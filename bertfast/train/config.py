@@ -297,3 +297,15 @@ def build_model_config(cfg: TrainConfig, tokenizer):
     extra = {k: v for k, v in model_fields(cfg).items()
              if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
     return BertConfig.preset(cfg.preset, vocab_size=len(tokenizer), pad_token_idx=tokenizer.pad_token_id, **extra)
+
+
+def data_arguments(cfg: TrainConfig, tokenizer) -> dict:
+    """``load_data``'s arguments that decide what is prepared and cached (the corpus, the tokenizer, the pairs):
+    the training run and --prepare-only pass the same, so the one finds what the other prepared."""
+    from bertfast.data.loader import default_procs
+
+    return dict(name=cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, max_len=cfg.max_len, seed=cfg.seed,
+                builtin_docs=cfg.builtin_docs, whole_word_masking=cfg.whole_word_masking,
+                sentences_per_doc=cfg.sentences_per_doc, text_column=cfg.text_column, doc_column=cfg.doc_column,
+                eval_fraction=0.0 if cfg.eval_data else cfg.eval_fraction, eval_data=cfg.eval_data,
+                num_proc=cfg.num_proc or default_procs(), streaming=cfg.streaming)
