@@ -201,7 +201,7 @@ def _slow_worker(rank: int, port: int, out: str, logdir: str, delay: float, fail
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_waiting_ranks_outlast_the_process_group_timeout(tmp_path, fail):
-    ctx = torch.multiprocessing.spawn(_slow_worker, args=(_free_port(), str(tmp_path / "out"), str(tmp_path), 6.0,
+    ctx = torch.multiprocessing.spawn(_slow_worker, args=(_free_port(), str(tmp_path / "out"), str(tmp_path), 4.5,
                                                           fail), nprocs=2, join=False)
     try:
         while not ctx.join(timeout=120):

@@ -480,5 +480,16 @@ def _get_tokenizer(tokenizer, docs, docs_key: str, vocab_size: int, output_dir, 
     else:
         root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bertfast")
         save_dir = os.path.join(root, "tokenizers", f"{docs_key}-{vocab_size}")
-    sentences = (s for batch in docs.iter(batch_size=1000) for doc in batch["sentences"] for s in doc)
-    return trained_tokenizer(save_dir, vocab_size, sentences)
+    return trained_tokenizer(save_dir, vocab_size, _sentences_with_progress(docs))
+
+
+def _sentences_with_progress(docs):
+    """Every sentence of ``docs``, with a progress bar (and ETA) over the documents, as the ``datasets`` maps
+    have: the vocabulary's training reads the whole corpus. Hidden with theirs (``--no-progress``)."""
+    from datasets.utils.tqdm import tqdm
+
+    with tqdm(total=len(docs), desc="training the WordPiece vocabulary", unit=" documents") as bar:
+        for batch in docs.iter(batch_size=1000):
+            for doc in batch["sentences"]:
+                yield from doc
+            bar.update(len(batch["sentences"]))
