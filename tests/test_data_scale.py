@@ -216,3 +216,19 @@ def test_waiting_ranks_outlast_the_process_group_timeout(tmp_path, fail):
     else:
         assert got[0]["error"] == "DataError", got
         assert got[1]["error"] == "PeerFailed" and "the disk is full while preparing" in got[1]["message"], got
+
+
+def test_a_full_disk_during_a_map_is_one_clear_error(tmp_path):
+    import errno
+
+    from bertfast.data import DataError
+
+    def full(batch):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ds = datasets.Dataset.from_dict({"text": ["a b c"] * 4})
+    with pytest.raises(DataError, match="splitting: no space left on device.*larger disk"):
+        sources.cached_map(ds, full, fingerprint="f" * 16, cache_dir=str(tmp_path), batched=True, desc="splitting")
+    with pytest.raises(ValueError, match="other"):  # any other error is left as it is
+        sources.cached_map(ds, lambda b: (_ for _ in ()).throw(ValueError("other")), fingerprint="e" * 16,
+                           cache_dir=str(tmp_path), batched=True)

@@ -130,7 +130,25 @@ def cached_map(ds, fn, *, fingerprint: str, cache_dir: str | None, **kw):
     if not ds.cache_files and cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
         kw["cache_file_name"] = os.path.join(cache_dir, f"bertfast-{fingerprint}.arrow")
-    return ds.map(fn, new_fingerprint=fingerprint, **kw)
+    try:
+        return ds.map(fn, new_fingerprint=fingerprint, **kw)
+    except Exception as e:
+        raise disk_full_error(e, kw.get("desc", "preparing the data"), ds) or e
+
+
+def disk_full_error(e: BaseException, what: str, ds=None) -> DataError | None:
+    """A DataError saying the disk is full when ``e`` (or its cause) is ENOSPC; None otherwise."""
+    import errno
+
+    while e is not None and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    where = os.path.dirname(ds.cache_files[0]["filename"]) if ds is not None and ds.cache_files else \
+        getattr(e, "filename", None) or "the datasets cache"
+    return DataError(what, f"no space left on device ({where})",
+                     "Free space there, or point HF_DATASETS_CACHE (or cache_dir) at a larger disk; files "
+                     "already complete are reused by the next run, a half-written one is not.")
 
 
 def _head(ds, ratio: float):
@@ -573,6 +591,9 @@ def load_local(spec: SourceSpec, *, cache_dir=None, num_proc=None, text_column: 
             ds = datasets.load_dataset(builder, data_files={"train": group}, split="train", cache_dir=cache_dir,
                                        **kw)
         except Exception as e:
+            full = disk_full_error(e, f"data source {name!r}: reading {builder} files into the datasets cache")
+            if full:
+                raise full from e
             for f in group:  # an encoding problem is the usual cause: name the file and the byte
                 check_file_encoding(f, limit=None)
             raise DataError(f"data source {name!r}", f"reading {builder} files {group[:3]} failed "
