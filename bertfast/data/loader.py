@@ -219,9 +219,9 @@ def load_data(
 ):
     """Build the pretraining data; returns ``(tokenizer, loader)``.
 
-    name: ``"builtin"`` (offline default), ``"bookcorpus"``, ``"wikipedia"`` (English) or
-        ``"wikipedia:20231101.de"`` (another language), ``"hub:ORG/NAME[:CONFIG][@REVISION]"`` (any hub dataset),
-        a local file / folder / glob (.txt with blank-line-separated documents, .jsonl / .parquet with a text
+    name: ``"builtin"`` (offline default: ``builtin_docs`` documents), ``"bookcorpus"``, ``"wikipedia"`` (English) or
+        ``"wikipedia:20231101.de"`` (another language), ``"hub:ORG/NAME[:CONFIG][@REVISION]"`` (any hub
+        dataset), a local file / folder / glob (.txt with blank-line-separated documents, .jsonl / .parquet with a text
         column), or several ``"NAME[:RATIO]"`` specs (a list, or one string separated by spaces):
         ``"bookcorpus:0.1 wikipedia:1/41"``. :func:`check_sources` runs first (cheap checks, no reading).
     loading_ratio: fraction of each source's train split to use (a prefix), unless its spec gives one.
@@ -231,14 +231,11 @@ def load_data(
     max_predictions: P, the static prediction slots per sequence (default ceil(0.15 * max_len), 20 at 128).
     rank, world_size: data-parallel sharding (see :class:`PretrainingLoader`); batch_size is per rank.
     streaming: read hub sources as a stream and keep only the loading_ratio prefix (no full download).
-    num_proc: processes for the ``datasets`` maps (sentence splitting, tokenising, pair building).
-    cache_dir: where ``datasets`` caches downloads and processed data (default: its own cache).
+    num_proc: processes for the maps (None: this one; capped at the cores); the data do not depend on it.
     hub_overrides: ``{"bookcorpus": {"path": ..., "name": ..., "data_files": ...}}`` replaces a hub id / config.
     dupe_factor: how many times pairs are built from each document with different random choices (BERT: 10).
-    builtin_docs: documents in the built-in corpus.
-    text_column: the column holding the text in hub datasets and .jsonl / .parquet files.
-    doc_column: rows sharing this column's value (consecutive rows) form one document, in row order; None: one
-        document per row (bookcorpus: ``sentences_per_doc`` rows).
+    cache_dir: ``datasets``' cache (default: its own). text_column: the text of hub and .jsonl / .parquet rows.
+    doc_column: consecutive rows sharing this column's value form one document, in row order.
     eval_fraction: hold out this fraction of the documents (at least 8; split by (seed, fraction) before pairs
         are built, so no sentence is in both) as the evaluation corpus; the vocabulary is trained on the rest.
     eval_data: other sources (same grammar as ``name``) as the evaluation corpus instead.
@@ -246,13 +243,13 @@ def load_data(
         The returned loader's ``eval_loader`` is an :class:`EvalLoader` (fixed masks), or None without evaluation.
     whole_word_masking: mask whole words (a token and its following ``##`` pieces) instead of single tokens.
     sentences_per_doc: N consecutive rows form one document, each row one sentence (.txt files are then read one
-        row per line). None: 64 for bookcorpus, one document per row elsewhere.
+        row per line). Neither: 64 rows for bookcorpus, one document per row elsewhere.
     """
     _check_arguments(seed=seed, batch_size=batch_size, max_len=max_len, vocab_size=vocab_size,
                      dupe_factor=dupe_factor, num_workers=num_workers, mlm_probability=mlm_probability,
                      short_seq_prob=short_seq_prob, eval_fraction=eval_fraction, eval_data=eval_data,
-                     eval_batch_size=eval_batch_size)
-    what = f"load_data({name!r}, loading_ratio={loading_ratio})"
+                     eval_batch_size=eval_batch_size, num_proc=num_proc)
+    what, num_proc = f"load_data({name!r}, loading_ratio={loading_ratio})", usable_procs(num_proc)
     docs, docs_key, eval_docs, eval_key = _read_documents(
         name, loading_ratio, eval_data, eval_fraction, seed, what, streaming=streaming, num_proc=num_proc,
         builtin_docs=builtin_docs, hub_overrides=hub_overrides, cache_dir=cache_dir, text_column=text_column,
@@ -262,28 +259,69 @@ def load_data(
                    cache_dir=cache_dir, num_proc=num_proc)
     tokens, pairs = _training_pairs(docs, docs_key, tok, what, pair_kw)
     share = check_nsp_balance(pairs, tokens, what)  # called from here: its warning points at load_data's caller
-    collator = PretrainingCollator.from_tokenizer(
-        tok, max_len=max_len, max_predictions=max_predictions or default_max_predictions(max_len, mlm_probability),
-        mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of,
-        whole_word_masking=whole_word_masking)
-    loader = _training_loader(pairs, collator, what, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                              drop_last=drop_last, num_workers=num_workers, rank=rank, world_size=world_size,
-                              group_by_length=group_by_length, pin_memory=pin_memory)
+    loader = _loaders(tok, (pairs, tokens, share), (eval_docs, eval_key, eval_data), pair_kw, what, dict(
+        max_predictions=max_predictions, mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of,
+        whole_word_masking=whole_word_masking), batch_size=batch_size, seed=seed, shuffle=shuffle,
+        drop_last=drop_last, num_workers=num_workers, rank=rank, world_size=world_size,
+        group_by_length=group_by_length, pin_memory=pin_memory, eval_batch_size=eval_batch_size)
+    log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
+    return tok, loader
+
+
+MAX_DEFAULT_PROCS = 8  # the CLI's default --num-proc: the cores, at most this many
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one, e.g. under a scheduler)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def default_procs() -> int:
+    """The CLI's default --num-proc: ``min(cores, MAX_DEFAULT_PROCS)``."""
+    return min(available_cores(), MAX_DEFAULT_PROCS)
+
+
+def usable_procs(num_proc: int | None) -> int | None:
+    """Processes for the ``datasets`` maps: None or 1 -> None (in this process); more than the cores -> the
+    cores (more processes than cores only add start-up and memory; the result is the same for any number)."""
+    if num_proc is None or num_proc <= 1:
+        return None
+    cores = available_cores()
+    if num_proc > cores:
+        log.info("num_proc=%d is more than the %d cores: using %d processes", num_proc, cores, cores)
+    return min(num_proc, cores) if cores > 1 else None
+
+
+def _loaders(tok, data, evaluation, pair_kw: dict, what: str, collate_kw: dict, *, eval_batch_size, seed, rank,
+             world_size, pin_memory, batch_size, **loader_kw) -> PretrainingLoader:
+    """The collator and the training loader, with its ``eval_loader`` (None without evaluation data),
+    ``tokenizer``, ``documents`` (the tokenised training documents) and ``is_next_share``."""
+    (pairs, tokens, share), (eval_docs, eval_key, eval_data) = data, evaluation
+    mlm_probability, max_len = collate_kw["mlm_probability"], pair_kw["max_len"]
+    collate_kw["max_predictions"] = collate_kw["max_predictions"] or default_max_predictions(max_len, mlm_probability)
+    collator = PretrainingCollator.from_tokenizer(tok, max_len=max_len, **collate_kw)
+    loader = _training_loader(pairs, collator, what, batch_size=batch_size, seed=seed, rank=rank,
+                              world_size=world_size, pin_memory=pin_memory, **loader_kw)
     loader.eval_loader = None if eval_docs is None else _eval_loader(
         eval_docs, eval_key, tok, collator, pair_kw, eval_data=eval_data, what=what,
         eval_batch_size=eval_batch_size or 2 * batch_size, seed=seed, rank=rank, world_size=world_size,
         pin_memory=pin_memory)
-    log.info("%s: %d documents, %d pairs, %d batches per epoch", name, len(docs), len(pairs), len(loader))
     loader.tokenizer, loader.documents, loader.is_next_share = tok, tokens, share
-    return tok, loader
+    return loader
 
 
 # The steps of load_data, in the order it takes them.
 
 
 def _check_arguments(*, seed, batch_size, max_len, vocab_size, dupe_factor, num_workers, mlm_probability,
-                     short_seq_prob, eval_fraction, eval_data, eval_batch_size) -> None:
+                     short_seq_prob, eval_fraction, eval_data, eval_batch_size, num_proc=None) -> None:
     """A DataError naming the first bad argument, before anything is read."""
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise DataError(f"load_data(num_proc={num_proc!r})", "num_proc must be None or an integer >= 1",
+                        "Pass a number of processes (--num-proc N), or None for one.")
     for arg, value, lo, hi in (("seed", seed, 0, 2**63 - 1), ("batch_size", batch_size, 1, None),
                                ("max_len", max_len, 8, None), ("vocab_size", vocab_size, 6, None),
                                ("dupe_factor", dupe_factor, 1, None), ("num_workers", num_workers, 0, None)):
@@ -458,5 +496,16 @@ def _get_tokenizer(tokenizer, docs, docs_key: str, vocab_size: int, output_dir, 
     else:
         root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bertfast")
         save_dir = os.path.join(root, "tokenizers", f"{docs_key}-{vocab_size}")
-    sentences = (s for batch in docs.iter(batch_size=1000) for doc in batch["sentences"] for s in doc)
-    return trained_tokenizer(save_dir, vocab_size, sentences)
+    return trained_tokenizer(save_dir, vocab_size, _sentences_with_progress(docs))
+
+
+def _sentences_with_progress(docs):
+    """Every sentence of ``docs``, with a progress bar (and ETA) over the documents, as the ``datasets`` maps
+    have: the vocabulary's training reads the whole corpus. Hidden with theirs (``--no-progress``)."""
+    from datasets.utils.tqdm import tqdm
+
+    with tqdm(total=len(docs), desc="training the WordPiece vocabulary", unit=" documents") as bar:
+        for batch in docs.iter(batch_size=1000):
+            for doc in batch["sentences"]:
+                yield from doc
+            bar.update(len(batch["sentences"]))

@@ -32,20 +32,38 @@ _LAST_WORD = re.compile(r"(\S+)$")
 _OPENERS = "\"'“‘([`"
 
 
+def _next_char(text: str, i: int) -> str:
+    """The first character from ``i`` on that is not an opening quote or bracket ("" at the end): the same as
+    ``text[i:].lstrip(_OPENERS)[:1]`` without copying the rest of the line (quadratic on long paragraphs)."""
+    n = len(text)
+    while i < n and text[i] in _OPENERS:
+        i += 1
+    return text[i : i + 1]
+
+
+def _word_before(text: str, end: int) -> str:
+    """The run of non-space characters ending at ``end`` (what ``_LAST_WORD.search(text, 0, end)`` finds, without
+    scanning the line from its start at every candidate)."""
+    start = end
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    return text[start:end]
+
+
 def _is_boundary(text: str, m: re.Match, cased: bool) -> bool:
     punct = m.group("punct")
     nxt = text[m.end() : m.end() + 1]
-    nxt_word = text[m.end() :].lstrip(_OPENERS)[:1]
     if not nxt:
         return True
+    nxt_word = _next_char(text, m.end())
     if cased and nxt_word.islower():
         return False
     if punct == ".":
-        w = _LAST_WORD.search(text, 0, m.start())
-        word = w.group(1).lstrip(_OPENERS).lower() if w else ""
+        raw = _word_before(text, m.start())
+        word = raw.lstrip(_OPENERS).lower()
         if word in NEVER_END:
             return False
-        if len(word) == 1 and word.isalpha() and w.group(1)[-1].isupper():
+        if len(word) == 1 and word.isalpha() and raw[-1].isupper():
             return False  # an initial ("J.") never ends a sentence
         if word in MAY_END or re.fullmatch(r"(?:[a-z]\.)+[a-z]", word):
             return nxt_word.isupper() or nxt_word.isdigit()

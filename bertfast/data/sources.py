@@ -130,7 +130,25 @@ def cached_map(ds, fn, *, fingerprint: str, cache_dir: str | None, **kw):
     if not ds.cache_files and cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
         kw["cache_file_name"] = os.path.join(cache_dir, f"bertfast-{fingerprint}.arrow")
-    return ds.map(fn, new_fingerprint=fingerprint, **kw)
+    try:
+        return ds.map(fn, new_fingerprint=fingerprint, **kw)
+    except Exception as e:
+        raise disk_full_error(e, kw.get("desc", "preparing the data"), ds) or e
+
+
+def disk_full_error(e: BaseException, what: str, ds=None) -> DataError | None:
+    """A DataError saying the disk is full when ``e`` (or its cause) is ENOSPC; None otherwise."""
+    import errno
+
+    while e is not None and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    where = os.path.dirname(ds.cache_files[0]["filename"]) if ds is not None and ds.cache_files else \
+        getattr(e, "filename", None) or "the datasets cache"
+    return DataError(what, f"no space left on device ({where})",
+                     "Free space there, or point HF_DATASETS_CACHE (or cache_dir) at a larger disk; files "
+                     "already complete are reused by the next run, a half-written one is not.")
 
 
 def _head(ds, ratio: float):
@@ -145,26 +163,54 @@ def _split_docs(batch):
     return {"sentences": [s for s in out if s]}
 
 
-def _group_rows(batch):
-    sents = [t.strip() for t in batch["text"] if isinstance(t, str) and t.strip()]
-    return {"sentences": [sents] if sents else []}
-
-
 class _DocRanges:
-    """Rows [start, end) of ``ds`` -> one document, each row split into sentences (for ``doc_column``)."""
+    """Rows [start, end) of ``ds`` -> one document: each row split into sentences (``doc_column``), or each row
+    kept as one sentence (``split=False``: ``sentences_per_doc``). A document never straddles two batches, so the
+    documents do not depend on the batch size nor on ``num_proc``."""
 
-    def __init__(self, ds):
-        self.ds = ds
+    def __init__(self, ds, split: bool = True):
+        self.ds, self.split = ds, split
+
+    def _sentences(self, rows) -> list[str]:
+        if self.split:
+            return [x for t in rows if isinstance(t, str) for x in split_sentences(t)]
+        return [t.strip() for t in rows if isinstance(t, str) and t.strip()]
 
     def __call__(self, batch):
+        if not batch["start"]:
+            return {"sentences": []}
         lo, hi = batch["start"][0], batch["end"][-1]
         texts = self.ds[lo:hi]["text"]
-        out = []
-        for s, e in zip(batch["start"], batch["end"]):
-            sents = [x for t in texts[s - lo : e - lo] if isinstance(t, str) for x in split_sentences(t)]
-            if sents:
-                out.append(sents)
-        return {"sentences": out}
+        out = [self._sentences(texts[s - lo : e - lo]) for s, e in zip(batch["start"], batch["end"])]
+        return {"sentences": [d for d in out if d]}
+
+
+def _ranges(starts, ends, fp: str):
+    """A dataset of row ranges [start, end), fingerprinted by ``fp``."""
+    import datasets
+    import numpy as np
+
+    ranges = datasets.Dataset.from_dict({"start": np.asarray(starts, dtype=np.int64),
+                                         "end": np.asarray(ends, dtype=np.int64)})
+    ranges._fingerprint = _hash([fp, "ranges"])
+    return ranges
+
+
+def _doc_column_ranges(ds, doc_column: str, fp: str, what: str):
+    """Ranges of consecutive rows sharing ``doc_column``'s value."""
+    import numpy as np
+
+    if doc_column not in ds.column_names:
+        raise DataError(what, f"it has no doc column {doc_column!r} (columns: {ds.column_names})",
+                        "Pass an existing column as doc_column / --doc-column, or leave it unset for one "
+                        "document per row.")
+    vals = ds.data.column(doc_column).to_numpy(zero_copy_only=False) if len(ds) else np.array([])
+    if ds._indices is not None:  # a selected prefix of the table
+        vals = np.asarray(ds[doc_column], dtype=object)
+    cut = np.flatnonzero(vals[1:] != vals[:-1]) + 1 if len(vals) else np.array([], dtype=np.int64)
+    starts = np.concatenate([[0], cut]) if len(vals) else cut
+    ends = np.append(cut, len(vals)) if len(vals) else cut
+    return _ranges(starts, ends, fp)
 
 
 def to_documents(ds, *, fp: str, what: str, cache_dir=None, num_proc=None, doc_column=None,
@@ -176,41 +222,34 @@ def to_documents(ds, *, fp: str, what: str, cache_dir=None, num_proc=None, doc_c
     * ``sentences_per_doc`` N (or ``rows == "sentences"``: bookcorpus): N consecutive rows form a document,
       each row kept as one sentence;
     * otherwise one document per row, split into sentences.
-    Grouping runs in one process, so documents do not depend on ``num_proc``. Wikipedia (``rows ==
+    Documents do not depend on ``num_proc`` (grouping maps over row ranges, never cut by a batch). Wikipedia (``rows ==
     "articles"``) is always one document per row: ``doc_column`` and ``sentences_per_doc`` leave it alone, so
     that they can be given for a mix such as ``"wikipedia bookcorpus"``.
     """
-    import datasets
-    import numpy as np
-
     if rows == "articles":
         doc_column = sentences_per_doc = None
-
     if doc_column is not None:
-        if doc_column not in ds.column_names:
-            raise DataError(what, f"it has no doc column {doc_column!r} (columns: {ds.column_names})",
-                            "Pass an existing column as doc_column / --doc-column, or leave it unset for one "
-                            "document per row.")
-        vals = ds.data.column(doc_column).to_numpy(zero_copy_only=False) if len(ds) else np.array([])
-        if ds._indices is not None:  # a selected prefix of the table
-            vals = np.asarray(ds[doc_column], dtype=object)
-        cut = np.flatnonzero(vals[1:] != vals[:-1]) + 1 if len(vals) else np.array([], dtype=np.int64)
-        starts = np.concatenate([[0], cut]).astype(np.int64) if len(vals) else cut.astype(np.int64)
-        ends = np.append(cut, len(vals)).astype(np.int64) if len(vals) else cut.astype(np.int64)
-        ranges = datasets.Dataset.from_dict({"start": starts, "end": ends})
-        ranges._fingerprint = _hash([fp, "ranges"])
+        ranges = _doc_column_ranges(ds, doc_column, fp, what)
         return cached_map(ranges, _DocRanges(ds.select_columns(["text"])),
                           fingerprint=_hash([fp, "doc_column", doc_column, VERSION]), cache_dir=cache_dir,
-                          batched=True, batch_size=1000, remove_columns=["start", "end"],
-                          desc=f"{what}: grouping rows by {doc_column}")
+                          batched=True, batch_size=1000, num_proc=_procs(num_proc, len(ranges)),
+                          remove_columns=["start", "end"], desc=f"{what}: grouping rows by {doc_column}")
     ds = ds.select_columns(["text"])
     if sentences_per_doc or rows == "sentences":
         n = sentences_per_doc or BOOKCORPUS_SENTENCES_PER_DOC
-        return cached_map(ds, _group_rows, fingerprint=_hash([fp, "group", n, VERSION]), cache_dir=cache_dir,
-                          batched=True, batch_size=n, remove_columns=["text"],
+        starts = range(0, len(ds), n)
+        ranges = _ranges(starts, [min(s + n, len(ds)) for s in starts], fp)
+        return cached_map(ranges, _DocRanges(ds, split=False), fingerprint=_hash([fp, "group", n, VERSION]),
+                          cache_dir=cache_dir, batched=True, batch_size=1000,
+                          num_proc=_procs(num_proc, len(ranges)), remove_columns=["start", "end"],
                           desc=f"{what}: grouping rows into documents of {n} sentences")
     return cached_map(ds, _split_docs, fingerprint=_hash([fp, "split", VERSION]), cache_dir=cache_dir, batched=True,
                       num_proc=num_proc, remove_columns=["text"], desc=f"{what}: splitting sentences")
+
+
+def _procs(num_proc, rows: int):
+    """datasets refuses more processes than rows: at most one per row (None stays None: one process)."""
+    return None if num_proc is None or num_proc <= 1 else max(1, min(num_proc, rows)) if rows else None
 
 
 def _use_text_column(ds, what: str, text_column: str, doc_column: str | None):
@@ -552,6 +591,9 @@ def load_local(spec: SourceSpec, *, cache_dir=None, num_proc=None, text_column: 
             ds = datasets.load_dataset(builder, data_files={"train": group}, split="train", cache_dir=cache_dir,
                                        **kw)
         except Exception as e:
+            full = disk_full_error(e, f"data source {name!r}: reading {builder} files into the datasets cache")
+            if full:
+                raise full from e
             for f in group:  # an encoding problem is the usual cause: name the file and the byte
                 check_file_encoding(f, limit=None)
             raise DataError(f"data source {name!r}", f"reading {builder} files {group[:3]} failed "

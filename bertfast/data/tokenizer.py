@@ -69,9 +69,14 @@ def train_wordpiece(sentences: Iterable[str], vocab_size: int, save_dir: str, mo
                            pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
                            model_max_length=model_max_length)
     os.makedirs(save_dir, exist_ok=True)
+    if os.path.exists(os.path.join(save_dir, META_FILE)):  # an older vocabulary: no longer vouched for
+        os.remove(os.path.join(save_dir, META_FILE))
     hf.save_pretrained(save_dir)
-    with open(os.path.join(save_dir, META_FILE), "w") as f:
+    tmp = os.path.join(save_dir, f".{META_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:  # written last, whole or not at all: a run killed before it trains again
         json.dump({"vocab_size": vocab_size, "trained_by": "bertfast.data"}, f)
+    os.replace(tmp, os.path.join(save_dir, META_FILE))
+    hf.name_or_path = save_dir
     return hf
 
 

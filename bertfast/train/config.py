@@ -72,6 +72,11 @@ class TrainConfig:
                            "--tokenizer)", "data")
     builtin_docs: int = _opt(1200, "documents in the built-in corpus", "data")
     num_workers: int = _opt(0, "data loader processes (results do not depend on it)", "data")
+    num_proc: int | None = _opt(None, "processes preparing the corpus (sentence splitting, grouping, tokenizing, "
+                                "pairing; capped at the cores; results do not depend on it)", "data", metavar="N",
+                                shown="min(cores, 8)")
+    streaming: bool = _opt(False, "read hub corpora as a stream: only the RATIO prefix is downloaded, no full "
+                           "copy on disk (see docs/data.md for what is exact on resume)", "data")
     whole_word_masking: bool = _opt(False, "mask whole words (a token and its ## pieces) as Google's WWM models "
                                     "do, instead of single tokens", "data")
     sentences_per_doc: int | None = _opt(None, "local files with one sentence per row: group N consecutive rows "
@@ -124,6 +129,8 @@ class TrainConfig:
     export_hf: str | None = _opt(None, "at the end, write a transformers BertForPreTraining (config.json, "
                                  "model.safetensors) and the tokenizer to DIR", "run", metavar="DIR",
                                  shown="none")
+    prepare_only: bool = _opt(False, "build the tokenizer and every cached dataset this command would use, say "
+                              "where they are, their size and the time taken, and train nothing", "run")
     progress: bool = _opt(True, "--no-progress hides the tqdm progress bar and the `datasets` preparation bars",
                           "run")
 
@@ -203,6 +210,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     need(cfg.keep_checkpoints >= 1, "--keep-checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.log_every >= 1, "--log-every", f"must be >= 1, got {cfg.log_every}")
     need(cfg.num_workers >= 0, "--num-workers", f"must be >= 0, got {cfg.num_workers}")
+    need(cfg.num_proc is None or cfg.num_proc >= 1, "--num-proc", f"must be >= 1 processes (leave it out for "
+         f"min(cores, 8)), got {cfg.num_proc}")
     need(cfg.max_bad_steps >= 1, "--max-bad-steps", f"must be >= 1, got {cfg.max_bad_steps}")
     need(cfg.threads >= 0, "--threads", f"must be >= 0, got {cfg.threads}")
     need(0 <= cfg.seed <= SEED_MAX, "--seed", f"must be in [0, {SEED_MAX}], got {cfg.seed}")
@@ -291,3 +300,15 @@ def build_model_config(cfg: TrainConfig, tokenizer):
     extra = {k: v for k, v in model_fields(cfg).items()
              if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
     return BertConfig.preset(cfg.preset, vocab_size=len(tokenizer), pad_token_idx=tokenizer.pad_token_id, **extra)
+
+
+def data_arguments(cfg: TrainConfig, tokenizer) -> dict:
+    """``load_data``'s arguments that decide what is prepared and cached (the corpus, the tokenizer, the pairs):
+    the training run and --prepare-only pass the same, so the one finds what the other prepared."""
+    from bertfast.data.loader import default_procs
+
+    return dict(name=cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, max_len=cfg.max_len, seed=cfg.seed,
+                builtin_docs=cfg.builtin_docs, whole_word_masking=cfg.whole_word_masking,
+                sentences_per_doc=cfg.sentences_per_doc, text_column=cfg.text_column, doc_column=cfg.doc_column,
+                eval_fraction=0.0 if cfg.eval_data else cfg.eval_fraction, eval_data=cfg.eval_data,
+                num_proc=cfg.num_proc or default_procs(), streaming=cfg.streaming)

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,6 +70,7 @@ class _Dist:
     local_rank: int = 0
     local_world_size: int = 1
     initialized_here: bool = False
+    prep_group: object = None  # the long-timeout group of data preparation (see _preparation_group)
 
     @property
     def enabled(self) -> bool:
@@ -98,7 +100,7 @@ def _setup_distributed(device_type: str) -> _Dist:
         return d
     if device_type == "cuda":
         torch.cuda.set_device(d.local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=_collective_timeout())
     d.initialized_here = True
     return d
 
@@ -120,10 +122,34 @@ def _barrier(d: _Dist):
         dist.barrier()
 
 
-def _on_every_rank(d: _Dist, fn, *, run_here: bool = True):
+TIMEOUT_ENV = "BERTFAST_DIST_TIMEOUT_S"  # the training collectives' timeout in seconds (tests shorten it)
+PREPARATION_TIMEOUT = timedelta(days=365)  # waiting for rank 0's data preparation: as long as it takes
+
+
+def _collective_timeout() -> timedelta | None:
+    """The process group's timeout: torch's default (10 minutes with NCCL, 30 with gloo) unless TIMEOUT_ENV
+    gives one."""
+    value = os.environ.get(TIMEOUT_ENV)
+    return timedelta(seconds=float(value)) if value else None
+
+
+def _preparation_group(d: _Dist):
+    """A gloo group over every rank whose collectives wait PREPARATION_TIMEOUT: the ranks that wait while rank 0
+    prepares the corpus (hours for a real one) block in it, not in the default group, whose timeout (10 minutes
+    with NCCL) would kill the run before its first step; training collectives keep the default group and its
+    timeout. Created once (collectively: every rank calls this at the same point)."""
+    if d.prep_group is None and d.enabled:
+        import torch.distributed as dist
+
+        d.prep_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+    return d.prep_group
+
+
+def _on_every_rank(d: _Dist, fn, *, run_here: bool = True, group=None):
     """fn() where run_here, then a collective in place of a barrier: when fn failed on any rank, that rank re-raises
     its error and the others raise PeerFailed with its message, instead of crashing on the dead rank's broken
-    connection (which torchrun would then report as the root cause)."""
+    connection (which torchrun would then report as the root cause). ``group``: the process group of that
+    collective (default: the default one, with its timeout)."""
     error, result = None, None
     if run_here:
         try:
@@ -134,7 +160,7 @@ def _on_every_rank(d: _Dist, fn, *, run_here: bool = True):
         import torch.distributed as dist
 
         seen = [None] * d.world_size
-        dist.all_gather_object(seen, None if error is None else f"{type(error).__name__}: {error}")
+        dist.all_gather_object(seen, None if error is None else f"{type(error).__name__}: {error}", group=group)
         failed = [(r, msg) for r, msg in enumerate(seen) if msg is not None]
         if failed and error is None:
             r, msg = failed[0]

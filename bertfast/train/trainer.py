@@ -38,11 +38,12 @@ from bertfast.train.flops import peak_flops, training_flops
 from bertfast.model.bert import BertForPreTraining
 from bertfast.train.precision import autocast
 from bertfast.train.dist import (  # noqa: F401 - _Dist, _select_device: for the tests
-    PeerFailed, TrainingError, _all_reduce_sum, _barrier, _Dist, _on_every_rank, _select_device, _setup_distributed,
-    _StopRequest)
+    PeerFailed, TrainingError, _all_reduce_sum, _barrier, _Dist, _on_every_rank, _preparation_group, _select_device,
+    _setup_distributed, _StopRequest)
 from bertfast.train.plan import RunPlan, plan_run
 from bertfast.train.state import HOST_READS, RunState, device_values, host_read, summarize
-from bertfast.train.config import PRECISIONS, ConfigError, TrainConfig, build_model_config, check_settings
+from bertfast.train.config import (PRECISIONS, ConfigError, TrainConfig, build_model_config, check_settings,
+                                   data_arguments)
 from bertfast.train.lock import FINETUNING, RunLock, describe_kind, folder_kind, refuse_run_as_export
 
 EVAL_BATCH_FACTOR = 2  # evaluation batches are this many times --batch-size (no activations kept for backward)
@@ -223,6 +224,8 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None, given=None) -> dict:
     any work), TrainingError when the run must stop, checkpoint.CheckpointError for a checkpoint that does not
     fit."""
     check_settings(cfg)  # the checks that need nothing (again in the plan): before any process group or lock
+    if cfg.prepare_only:  # --prepare-only: the data this run would use, and no training
+        return _prepare_only(cfg, given, log)
     dev_type = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
         else "cpu"
     dist_ = _setup_distributed(dev_type)
@@ -239,6 +242,17 @@ def train(cfg: TrainConfig, *, log=print, loss_hook=None, given=None) -> dict:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _prepare_only(cfg: TrainConfig, given, log) -> dict:
+    """--prepare-only: build the tokenizer and the cached datasets (in the data cache, not in --output-dir, so no
+    run-folder lock is needed) and report them."""
+    plan = validate_config(cfg, given)
+    if plan.nothing_left:
+        return _nothing_left(plan, log)
+    from bertfast.train.prepare import prepare_data
+
+    return prepare_data(plan, log)
 
 
 @contextlib.contextmanager
@@ -357,17 +371,13 @@ def _load_data(plan: RunPlan, d: _Dist, device: torch.device):
     tokenizer = plan.tokenizer if plan.resuming else plan.init.tokenizer if plan.init else cfg.tokenizer
 
     def load():
-        return load_data(
-            cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, max_len=cfg.max_len, batch_size=cfg.batch_size,
-            seed=cfg.seed, num_workers=cfg.num_workers, rank=d.rank, world_size=d.world_size, output_dir=None,
-            drop_last=True, builtin_docs=cfg.builtin_docs, pin_memory=device.type == "cuda",
-            whole_word_masking=cfg.whole_word_masking, sentences_per_doc=cfg.sentences_per_doc,
-            text_column=cfg.text_column, doc_column=cfg.doc_column,
-            eval_fraction=0.0 if cfg.eval_data else cfg.eval_fraction, eval_data=cfg.eval_data,
-            eval_batch_size=EVAL_BATCH_FACTOR * cfg.batch_size)
+        return load_data(**data_arguments(cfg, tokenizer), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                         rank=d.rank, world_size=d.world_size, output_dir=None, drop_last=True,
+                         pin_memory=device.type == "cuda", eval_batch_size=EVAL_BATCH_FACTOR * cfg.batch_size)
 
-    first = _on_every_rank(d, load, run_here=d.is_main)
-    rest = _on_every_rank(d, load, run_here=not d.is_main)
+    group = _preparation_group(d)  # waiting for rank 0's preparation never times out
+    first = _on_every_rank(d, load, run_here=d.is_main, group=group)
+    rest = _on_every_rank(d, load, run_here=not d.is_main, group=group)
     return first if d.is_main else rest
 
 
