@@ -125,8 +125,11 @@ def cached_map(ds, fn, *, fingerprint: str, cache_dir: str | None, **kw):
     """``ds.map`` keyed by an explicit fingerprint, so the next run with the same inputs reloads it from disk.
 
     Datasets read from files cache next to their arrow files automatically; in-memory ones (built-in corpus,
-    streamed prefixes) cache under ``cache_dir`` when one is given.
+    streamed prefixes) cache under ``cache_dir`` when one is given. ``num_proc`` is capped at one process per row
+    (datasets would lower it itself, with a warning on stderr).
     """
+    if "num_proc" in kw:
+        kw["num_proc"] = _procs(kw["num_proc"], len(ds))
     if not ds.cache_files and cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
         kw["cache_file_name"] = os.path.join(cache_dir, f"bertfast-{fingerprint}.arrow")
@@ -232,7 +235,7 @@ def to_documents(ds, *, fp: str, what: str, cache_dir=None, num_proc=None, doc_c
         ranges = _doc_column_ranges(ds, doc_column, fp, what)
         return cached_map(ranges, _DocRanges(ds.select_columns(["text"])),
                           fingerprint=_hash([fp, "doc_column", doc_column, VERSION]), cache_dir=cache_dir,
-                          batched=True, batch_size=1000, num_proc=_procs(num_proc, len(ranges)),
+                          batched=True, batch_size=1000, num_proc=num_proc,
                           remove_columns=["start", "end"], desc=f"{what}: grouping rows by {doc_column}")
     ds = ds.select_columns(["text"])
     if sentences_per_doc or rows == "sentences":
@@ -241,7 +244,7 @@ def to_documents(ds, *, fp: str, what: str, cache_dir=None, num_proc=None, doc_c
         ranges = _ranges(starts, [min(s + n, len(ds)) for s in starts], fp)
         return cached_map(ranges, _DocRanges(ds, split=False), fingerprint=_hash([fp, "group", n, VERSION]),
                           cache_dir=cache_dir, batched=True, batch_size=1000,
-                          num_proc=_procs(num_proc, len(ranges)), remove_columns=["start", "end"],
+                          num_proc=num_proc, remove_columns=["start", "end"],
                           desc=f"{what}: grouping rows into documents of {n} sentences")
     return cached_map(ds, _split_docs, fingerprint=_hash([fp, "split", VERSION]), cache_dir=cache_dir, batched=True,
                       num_proc=num_proc, remove_columns=["text"], desc=f"{what}: splitting sentences")
