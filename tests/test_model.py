@@ -309,6 +309,21 @@ def test_hf_conversion_does_not_import_the_model():
     assert "bertfast.model.bert" not in imported and "bertfast.model.config" in imported
 
 
+def _spy_on_checked_ops(monkeypatch):
+    """Record (op, check_values) of every call to the ops that take check_values; returns the record list."""
+    from bertfast import ops
+
+    seen = []
+    for name in ("varlen_attention", "varlen_attention_qkvpacked", "mlm_gather", "softmax_cross_entropy"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs["check_values"]))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+    return seen
+
+
 @pytest.mark.parametrize("check_inputs", [True, False])
 @pytest.mark.parametrize("unpad", [True, False])
 @pytest.mark.parametrize("form", ["labels", "mlm_positions"])
@@ -316,16 +331,7 @@ def test_value_checks_of_the_ops_follow_check_inputs(monkeypatch, check_inputs, 
     """The ops' device-syncing value checks (check_values) run on the user's targets and positions exactly when the
     model's check_inputs is on; the layout the model builds itself (cu_seqlens, [CLS] rows) is never re-checked.
     Both layouts (the padded one has no varlen attention) and both MLM target forms."""
-    from bertfast import ops
-
-    seen = []
-    for name in ("varlen_attention", "mlm_gather", "softmax_cross_entropy"):
-        real = getattr(ops, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            seen.append((_name, kwargs["check_values"]))
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(ops, name, spy)
+    seen = _spy_on_checked_ops(monkeypatch)
     cfg = BertConfig(**CONFIGS[0])
     model = BertForPreTraining(cfg, impl="torch", unpad=unpad)
     model.check_inputs = check_inputs
@@ -336,7 +342,7 @@ def test_value_checks_of_the_ops_follow_check_inputs(monkeypatch, check_inputs, 
         positions = torch.tensor([[1, 4, -1], [1, -1, -1], [1, -1, -1]])  # real tokens (rows 1, 2 hold 2)
         mlm_labels = torch.where(positions >= 0, torch.tensor([[5, 6, 0], [7, 0, 0], [8, 0, 0]]), -100)
         model(ids, mask, types, mlm_positions=positions, mlm_labels=mlm_labels, next_sentence_label=nsp)
-    own = [("varlen_attention", False)] * (cfg.num_hidden_layers if unpad else 0) + [("mlm_gather", False)]
+    own = [("varlen_attention_qkvpacked", False)] * (cfg.num_hidden_layers if unpad else 0) + [("mlm_gather", False)]
     users = [("mlm_gather", check_inputs), ("softmax_cross_entropy", check_inputs)] + [
         ("softmax_cross_entropy", check_inputs)]  # MLM positions, MLM targets, NSP labels
     assert seen == own + users
@@ -345,20 +351,13 @@ def test_value_checks_of_the_ops_follow_check_inputs(monkeypatch, check_inputs, 
 @pytest.mark.parametrize("check_inputs", [True, False])
 def test_classifier_value_checks_follow_check_inputs(monkeypatch, check_inputs):
     """The classifier: its own layout and [CLS] rows unchecked, the user's class labels checked with check_inputs."""
-    from bertfast import BertForSequenceClassification, ops
+    from bertfast import BertForSequenceClassification
 
-    seen = []
-    for name in ("varlen_attention", "mlm_gather", "softmax_cross_entropy"):
-        real = getattr(ops, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            seen.append((_name, kwargs["check_values"]))
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(ops, name, spy)
+    seen = _spy_on_checked_ops(monkeypatch)
     cfg = BertConfig(**CONFIGS[0])
     model = BertForSequenceClassification(cfg, num_labels=3, impl="torch")
     model.check_inputs = check_inputs
     ids, mask, types, _, _ = _batch(cfg, 3, 11, seed=9)
     model(ids, mask, types, labels=torch.tensor([0, 2, -100]))
-    assert seen == ([("varlen_attention", False)] * cfg.num_hidden_layers + [("mlm_gather", False)]
+    assert seen == ([("varlen_attention_qkvpacked", False)] * cfg.num_hidden_layers + [("mlm_gather", False)]
                     + [("softmax_cross_entropy", check_inputs)])

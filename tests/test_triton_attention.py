@@ -329,6 +329,57 @@ def test_qkvpacked_gives_the_same_qkv_weight_gradient_without_a_copy(extra):
     assert copies[1] == [], copies[1]  # the packed path copies nothing
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_public_packed_op_equals_varlen_attention(impl, dropout_p):
+    """ops.varlen_attention_qkvpacked (what the unpadded model calls) is ops.varlen_attention of qkv.unbind(1):
+    the same output and qkv gradient, dropout included (the same torch seed draws the same mask), bucket padding
+    rows past cu_seqlens[-1] zero in the output and in the gradient."""
+    dev = triton_device() if impl == "triton" else torch.device("cpu")
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
+    base = torch.randn(15, 3, 2, 16, device=dev)
+    dout = torch.randn(15, 2, 16, device=dev)
+    results = []
+    for packed in (False, True):
+        qkv = base.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = (ops.varlen_attention_qkvpacked(qkv, cu, 7, dropout_p, impl=impl) if packed
+               else ops.varlen_attention(*qkv.unbind(1), cu, 7, dropout_p, impl=impl))
+        out.backward(dout)
+        results.append((out.detach(), qkv.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    out, grad = results[1]
+    assert not out[12:].any() and not grad[12:].any()
+
+
+def test_public_packed_op_rejects_an_unpacked_tensor():
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for bad in (torch.randn(4, 2, 16), torch.randn(4, 2, 2, 16)):  # q alone; 2 instead of 3 on dim 1
+        with pytest.raises(ops.OpArgumentError, match=r"varlen_attention_qkvpacked: qkv must be \[total_tokens, 3"):
+            ops.varlen_attention_qkvpacked(bad, cu, 4)
+
+
+@requires_triton
+def test_unpadded_model_backward_stacks_no_qkv_gradient():
+    """The unpadded BERT layer calls the packed op: with Triton its backward makes no stacked copy of dq/dk/dv
+    (one [tokens, 3 * hidden] copy per layer saved), and the padded layout (torch impl) still works."""
+    from bertfast import BertConfig, BertForPreTraining
+
+    dev = triton_device()
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
+                     max_len=16, dropout=0.0, attention_dropout=0.0)
+    ids = torch.randint(1, 50, (2, 9), device=dev)
+    mask = torch.ones(2, 9, dtype=torch.long, device=dev)
+    mask[1, 6:] = 0
+    model = BertForPreTraining(cfg, impl="triton", unpad=True).to(dev)
+    loss = model(ids, mask, labels=torch.where(mask.bool(), ids, -100)).loss
+    with _OpLog() as log:
+        loss.backward()
+    assert log.ops.count("attention_backward") == cfg.num_hidden_layers
+    assert "stack" not in log.ops, log.ops
+
+
 @requires_triton
 def test_backward_builds_no_zero_filled_gradient_for_lse():
     """lse gets no gradient: the backward allocates no zero-filled [heads, T] buffer for it (issue 26)."""

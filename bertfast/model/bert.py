@@ -136,13 +136,14 @@ class BertLayer(nn.Module):
         self.ffn_norm = LayerNorm(h, config.layer_norm_eps)
 
     def forward(self, h, attend, dropout_p: float, impl):
-        """h [..., hidden] (padded [B, S, H] or unpadded [T, H]); attend(q, k, v) runs attention on that layout.
+        """h [..., hidden] (padded [B, S, H] or unpadded [T, H]); attend(qkv), qkv [..., 3, heads, head_dim], runs
+        attention on that layout.
 
         With fused kernels (Triton on GPU) the dense layers' biases are added inside the LayerNorm and GELU
         kernels; with the torch reference they go into the matmul (addmm), which is cheaper there."""
         lead = h.shape[:-1]
-        q, k, v = F.linear(h, self.qkv.weight, self.qkv.bias).view(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
-        ctx = attend(q, k, v).reshape(*lead, -1)  # [..., hidden]
+        qkv = F.linear(h, self.qkv.weight, self.qkv.bias).view(*lead, 3, self.num_heads, self.head_dim)
+        ctx = attend(qkv).reshape(*lead, -1)  # [..., hidden]
         h = _dense_layer_norm(ctx, self.attn_out, self.attn_norm, h, dropout_p, impl("layer_norm"))
         f = _dense_gelu(h, self.ffn_in, impl("bias_gelu"))  # [..., intermediate]
         return _dense_layer_norm(f, self.ffn_out, self.ffn_norm, h, dropout_p, impl("layer_norm"))
@@ -308,11 +309,11 @@ class BertModel(nn.Module):
         guard = given and ops.resolve_impl("varlen_attention", impl, h.device) not in PADDED_ROWS_HONOURED
         real = layout.real_rows()[:, None, None] if guard else None
 
-        def attend(q, k, v):
+        def attend(qkv):  # packed: with Triton, qkv's gradient is the kernel's dq/dk/dv buffer (no stacking copy)
             if real is not None:  # an impl not yet known to honour padded rows: mask them around it
-                q, k, v = (torch.where(real, t, 0) for t in (q, k, v))  # zero gradient at padded rows
-            out = ops.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, attn_p, impl=impl,
-                                       check_values=False)
+                qkv = torch.where(real[..., None], qkv, 0)  # zero gradient at padded rows
+            out = ops.varlen_attention_qkvpacked(qkv, layout.cu_seqlens, layout.max_seqlen, attn_p, impl=impl,
+                                                 check_values=False)
             return out if real is None else torch.where(real, out, 0)
         return h, attend, layout.first_token_index()[None], layout  # [CLS] rows of [1, R, H]; -1: empty
 
@@ -325,8 +326,8 @@ class BertModel(nn.Module):
         h = self.embed(input_ids, token_type_ids, position_ids)  # [B, S, H]
         mask = attention_mask.bool() if attention_mask is not None else None
 
-        def attend(q, k, v):
-            return ops.attention(q, k, v, mask, attn_p, impl=self._impl("attention"))
+        def attend(qkv):
+            return ops.attention(*qkv.unbind(-3), mask, attn_p, impl=self._impl("attention"))
         if mask is not None:
             first = torch.where(mask.any(1), first, torch.full_like(first, -1))
         return h, attend, first[:, None]  # columns of [B, S, H]; -1: an empty sequence

@@ -69,10 +69,12 @@ _BACKENDS.update({(op, "ext"): getattr(importlib.import_module(spec.impls["ext"]
                   for op, spec in _OPS.items() if "ext" in spec.impls})
 
 
-def _backend(op: str, impl: str):
-    fn = _BACKENDS.get((op, impl))
+def _backend(op: str, impl: str, name: str | None = None):
+    """The function `name` (default: the op's own) of `op`'s `impl` module."""
+    name = name or op
+    fn = _BACKENDS.get((name, impl))
     if fn is None:
-        fn = _BACKENDS[(op, impl)] = getattr(importlib.import_module(_OPS[op].impls[impl]), op)
+        fn = _BACKENDS[(name, impl)] = getattr(importlib.import_module(_OPS[op].impls[impl]), name)
     return fn
 
 
@@ -120,6 +122,21 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     return fn(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
 
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
+                               impl: str = "auto", check_values: bool = True):
+    """varlen_attention of q, k, v = qkv.unbind(-3), qkv [total_tokens, 3, heads, head_dim] (the fused QKV
+    projection's output viewed per head, as the model builds it): the same impls (those of varlen_attention), the
+    same result and padded-rows contract. With Triton, qkv's gradient is the backward kernel's one dq/dk/dv buffer
+    itself; unbinding first would make autograd stack the three into a new tensor (a copy of qkv per layer)."""
+    _checks.varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, check_values)
+    concrete = resolve_impl("varlen_attention", impl, qkv.device)
+    if concrete == "triton":
+        fn = _backend("varlen_attention", concrete, "varlen_attention_qkvpacked")
+        return fn(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    q, k, v = qkv.unbind(-3)
+    return _backend("varlen_attention", concrete)(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+
+
 def mlm_gather(hidden, positions, *, impl: str = "auto", check_values: bool = True):
     """hidden [B, S, H], positions int64 [B, P] (-1 unused) -> [B * P, H], zero rows for -1. check_values=False
     skips the range check of positions on CUDA (a host sync); the extension still asserts on the device."""
@@ -137,4 +154,4 @@ def softmax_cross_entropy(logits, target, ignore_index: int = -100, *, impl: str
 
 
 __all__ = ["IMPLS", "OpArgumentError", "resolve_impl", "op_impl", "describe", "layer_norm", "bias_gelu", "attention",
-           "varlen_attention", "mlm_gather", "softmax_cross_entropy"]
+           "varlen_attention", "varlen_attention_qkvpacked", "mlm_gather", "softmax_cross_entropy"]

@@ -157,6 +157,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, 
         check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
 
 
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, check_values=True):
+    _tensor("varlen_attention_qkvpacked", "qkv", qkv)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        _fail("varlen_attention_qkvpacked", "qkv must be [total_tokens, 3, heads, head_dim], got shape "
+              f"{tuple(qkv.shape)}")
+    varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, dropout_p, softmax_scale, check_values)
+
+
 def check_cu_seqlens(cu_seqlens, max_seqlen: int, total: int, op: str = "varlen_attention") -> None:
     """The value checks of cu_seqlens (one host sync on a GPU): starts at 0, non-decreasing, ends at most at
     `total` (q's rows; rows past cu_seqlens[-1] are bucket padding), and no sequence longer than max_seqlen."""

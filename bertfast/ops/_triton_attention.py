@@ -183,7 +183,7 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen: int, dropout_p: floa
         raise ValueError(f"qkv must be [total_tokens, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
     if cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    seed = draw_seed(qkv.device) if dropout_p > 0.0 else None
     out, _ = attention_qkvpacked_op(qkv, None, cu_seqlens, int(max_seqlen), float(dropout_p),
                                     _scale(qkv, softmax_scale), seed)
     return out
