@@ -14,6 +14,7 @@ import contextlib
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every Triton kernel takes
 TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}  # Triton signature types
@@ -172,7 +173,11 @@ def device_info(t: torch.Tensor) -> tuple[int, int]:
 
 
 def check_runnable(t: torch.Tensor, what: str) -> None:
-    """A clear RuntimeError unless a Triton kernel can run on t's device (see triton_unavailable_reason)."""
+    """A clear RuntimeError unless a Triton kernel can run on t's device (see triton_unavailable_reason). Tracing
+    (torch.compile, or fake tensors: a fake-CUDA trace on a machine without a GPU) runs no kernel, so it passes:
+    the check is eager-only, which also keeps it out of a compiled graph (is_fake would be a graph break)."""
+    if torch.compiler.is_compiling() or is_fake(t):
+        return
     reason = triton_unavailable_reason(t.device)
     if reason is not None:
         raise RuntimeError(f"{what}: {reason}")

@@ -74,3 +74,28 @@ def test_fullgraph_compile_does_not_recompile_within_a_bucket():
             model(**b.model_inputs()).loss.backward()
             for n, p in model.named_parameters():
                 torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_cuda_forward_is_one_graph_of_the_gpu_kernels_on_fake_cuda_tensors():
+    """The CUDA path traced without a GPU: model and batch as fake tensors on `cuda` (as torch.compile sees them),
+    impl auto, dropout on. Dynamo makes one graph with no break, and that graph calls the GPU impls (the Triton
+    LayerNorm, bias+GELU and packed attention ops, the extension's MLM gather and cross-entropy), never the torch
+    reference. The backward cannot be traced this way: autograd's engine wants a real CUDA device; the backward ops'
+    fake kernels are checked by each op's opcheck test."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch._dynamo.reset()
+    inputs = _collated((11, 16, 7)).model_inputs()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, torch.device("cuda"):
+        model = BertForPreTraining(dataclasses.replace(CFG, num_hidden_layers=2, dropout=0.1, attention_dropout=0.1))
+        inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    model.check_inputs = False
+    with mode:
+        explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    called = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    ours = {c.split(".")[1] for c in called if c.startswith("bertfast.")}
+    assert ours == {"layer_norm", "bias_gelu", "attention_qkvpacked", "mlm_gather", "softmax_cross_entropy"}, ours
+    assert not any(name in c for c in called for name in ("layer_norm.default", "gelu", "softmax", "bmm")
+                   if not c.startswith("bertfast.")), called

@@ -63,10 +63,18 @@ def op_impl(op: str, impl: str) -> str:
 
 # (op, impl) -> the function that runs it, resolved once: no import inside an op call, which torch.compile cannot
 # trace (a graph break per call). The reference and the extension's wrappers (light modules) are resolved here;
-# a Triton op's module on its first use (it imports triton).
+# the Triton ops' modules too where Triton can run (a GPU, or the interpreter on), so a compiled CUDA model breaks
+# no graph on its first call (measured on fake CUDA tensors: 30 breaks otherwise); elsewhere on first use, as they
+# import triton (~0.2 s), which would also fix the interpreter setting before a user sets TRITON_INTERPRET.
 _BACKENDS = {(op, "torch"): getattr(reference, op) for op in _OPS}
 _BACKENDS.update({(op, "ext"): getattr(importlib.import_module(spec.impls["ext"]), op)
                   for op, spec in _OPS.items() if "ext" in spec.impls})
+_TRITON_FUNCTIONS = {op: (op,) for op, spec in _OPS.items() if "triton" in spec.impls}
+_TRITON_FUNCTIONS["varlen_attention"] += ("varlen_attention_qkvpacked",)
+if triton_unavailable_reason("cuda") is None or triton_unavailable_reason("cpu") is None:
+    for _op, _names in _TRITON_FUNCTIONS.items():
+        _module = importlib.import_module(_OPS[_op].impls["triton"])
+        _BACKENDS.update({(name, "triton"): getattr(_module, name) for name in _names})
 
 
 def _backend(op: str, impl: str, name: str | None = None):
