@@ -69,12 +69,6 @@ def op_impl(op: str, impl: str) -> str:
 _BACKENDS = {(op, "torch"): getattr(reference, op) for op in _OPS}
 _BACKENDS.update({(op, "ext"): getattr(importlib.import_module(spec.impls["ext"]), op)
                   for op, spec in _OPS.items() if "ext" in spec.impls})
-_TRITON_FUNCTIONS = {op: (op,) for op, spec in _OPS.items() if "triton" in spec.impls}
-_TRITON_FUNCTIONS["varlen_attention"] += ("varlen_attention_qkvpacked",)
-if triton_unavailable_reason("cuda") is None or triton_unavailable_reason("cpu") is None:
-    for _op, _names in _TRITON_FUNCTIONS.items():
-        _module = importlib.import_module(_OPS[_op].impls["triton"])
-        _BACKENDS.update({(name, "triton"): getattr(_module, name) for name in _names})
 
 
 def _backend(op: str, impl: str, name: str | None = None):
@@ -84,6 +78,12 @@ def _backend(op: str, impl: str, name: str | None = None):
     if fn is None:
         fn = _BACKENDS[(name, impl)] = getattr(importlib.import_module(_OPS[op].impls[impl]), name)
     return fn
+
+
+if triton_unavailable_reason("cuda") is None or triton_unavailable_reason("cpu") is None:
+    for _op in (op for op, spec in _OPS.items() if "triton" in spec.impls):
+        _backend(_op, "triton")
+    _backend("varlen_attention", "triton", "varlen_attention_qkvpacked")
 
 
 def describe(device: torch.device | str, impl: str = "auto") -> dict[str, str]:
