@@ -166,6 +166,53 @@ def test_streaming_flag_reaches_the_hub_loader(tmp_path, corpus, monkeypatch):
     assert calls == [False] and full["pairs"] == out["pairs"]  # the same prefix, streamed or downloaded
 
 
+def test_a_streamed_prefix_is_written_to_disk_once_and_a_killed_stream_leaves_nothing(tmp_path, corpus,
+                                                                                       monkeypatch):
+    """The prefix goes to an arrow file in the datasets cache as it streams (not held in memory): the next run
+    with the same flags reads that file and every map after it from the cache, without iterating the stream; a
+    stream that dies half-way leaves no file that a later run would trust."""
+    rows = _rows(20, 9)
+    files = [_parquet(tmp_path / "hub" / "train-0.parquet", {"text": rows})]
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: REAL_LOAD(
+        "parquet", data_files={"train": files}, split="train", streaming=kw.get("streaming", False)))
+    monkeypatch.setattr(sources, "hub_offline", lambda: None)
+    monkeypatch.setattr(sources, "_stream_rows", lambda *a: len(rows))
+    folder = tmp_path / "hf" / "bertfast-streamed"
+    real_iter = datasets.IterableDataset.__iter__
+
+    def dies_half_way(self):
+        for i, row in enumerate(real_iter(self)):
+            if i == 40:
+                raise ConnectionError("the hub went away")
+            yield row
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", dies_half_way)
+    from bertfast.data import DataError
+
+    with pytest.raises(DataError, match="ConnectionError: the hub went away"):
+        train(_cfg(tmp_path, "hub:someone/corpus:0.5", streaming=True, prepare_only=True), log=lambda *_: None)
+    assert not folder.exists() or [p for p in folder.rglob("*") if p.is_file()] == []  # nor its temporary
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", real_iter)
+
+    first = train(_cfg(tmp_path, "hub:someone/corpus:0.5", streaming=True, prepare_only=True), log=lambda *_: None)
+    (written,) = folder.glob("*/rows.arrow")
+    assert len(datasets.Dataset.from_file(str(written))) == 90  # ceil(0.5 * 180) rows
+    cached = sorted(folder.rglob("*"))
+
+    def no_stream(self):
+        raise AssertionError("streamed again instead of reading the written prefix")
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", no_stream)
+    _forbid_preparation(monkeypatch)
+    again = train(_cfg(tmp_path, "hub:someone/corpus:0.5", streaming=True), log=lambda *_: None)
+    assert again["step"] == 1 and first["pairs"] > 0
+    assert sorted(folder.rglob("*")) == cached  # nothing streamed, prepared or written again
+
+    written.write_bytes(written.read_bytes()[:100])  # damaged by hand: named, with what to do
+    with pytest.raises(DataError, match=r"rows.arrow cannot be read .*Delete the folder"):
+        train(_cfg(tmp_path / "2", "hub:someone/corpus:0.5", streaming=True), log=lambda *_: None)
+
+
 # ------------------------------------------------------------------------------------------- torchrun waiting
 def _free_port() -> int:
     with socket.socket() as s:
@@ -178,12 +225,13 @@ def _slow_worker(rank: int, port: int, out: str, logdir: str, delay: float, fail
     from bertfast.data import DataError
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BERTFAST_DIST_TIMEOUT_S="2")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BERTFAST_DIST_TIMEOUT_S="5")
     real = bertfast.data.load_data
 
     def load_data(*a, **k):
         if rank == 0:
-            time.sleep(delay)  # a preparation longer than the process group's timeout
+            time.sleep(delay)  # a preparation longer than the process group's timeout (5 s: 2 s was tight for
+            # the training step after it on a loaded machine)
             if fail:
                 raise DataError("--data corpus.txt", "the disk is full while preparing", "Free some space.")
         return real(*a, **k)
@@ -201,7 +249,7 @@ def _slow_worker(rank: int, port: int, out: str, logdir: str, delay: float, fail
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_waiting_ranks_outlast_the_process_group_timeout(tmp_path, fail):
-    ctx = torch.multiprocessing.spawn(_slow_worker, args=(_free_port(), str(tmp_path / "out"), str(tmp_path), 4.5,
+    ctx = torch.multiprocessing.spawn(_slow_worker, args=(_free_port(), str(tmp_path / "out"), str(tmp_path), 7.5,
                                                           fail), nprocs=2, join=False)
     try:
         while not ctx.join(timeout=120):

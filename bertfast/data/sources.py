@@ -124,8 +124,8 @@ def _hash(obj) -> str:
 def cached_map(ds, fn, *, fingerprint: str, cache_dir: str | None, **kw):
     """``ds.map`` keyed by an explicit fingerprint, so the next run with the same inputs reloads it from disk.
 
-    Datasets read from files cache next to their arrow files automatically; in-memory ones (built-in corpus,
-    streamed prefixes) cache under ``cache_dir`` when one is given. ``num_proc`` is capped at one process per row
+    Datasets read from files cache next to their arrow files automatically; in-memory ones (the built-in
+    corpus) cache under ``cache_dir`` when one is given. ``num_proc`` is capped at one process per row
     (datasets would lower it itself, with a warning on stderr).
     """
     if "num_proc" in kw:
@@ -445,27 +445,80 @@ def load_hub(spec: SourceSpec, *, streaming: bool = False, cache_dir=None, num_p
 
 def _stream_prefix(spec: SourceSpec, override: dict, asked: str, text_column: str, doc_column: str | None, *,
                    cache_dir, num_proc):
-    """Stream the train split and keep its ``spec.ratio`` prefix, the text (and doc) column only, in memory
-    -> (dataset, fingerprint). Only the prefix is read (no full download); it is then processed like the rest."""
+    """Stream the train split and write its ``spec.ratio`` prefix, the text (and doc) column only, to one arrow
+    file in the datasets cache -> (dataset, fingerprint). Only the prefix is read (no full download) and it never
+    sits in memory whole: rows go to disk as they arrive, and the maps after it cache next to that file like a
+    downloaded dataset's. The file is keyed by the source (path, config, revision, files) and the row count, so the
+    next run with the same flags (or after ``--prepare-only``) reads it from disk instead of streaming again."""
     import datasets
 
     ratio = spec.ratio
     ids, (path, name, rev, data_files) = _load_hub_dataset(spec, override, streaming=True, cache_dir=cache_dir,
                                                             num_proc=num_proc)
-    total = _stream_rows(ids, path, name, data_files) if ratio < 1.0 else None
     for what_col, col in (("text", text_column), ("doc", doc_column)):
         if col is not None and col not in (ids.column_names or [col]):
             raise DataError(asked, f"it has no {what_col} column {col!r} (columns: {ids.column_names})",
                             f"Name an existing column with {what_col}_column= / --{what_col}-column.")
     columns = [text_column] + ([doc_column] if doc_column else [])
     stream = ids.select_columns(columns)
-    if total is not None:
-        stream = stream.take(max(1, math.ceil(ratio * total)))
-    rows = list(stream)
-    if total is None and ratio < 1.0:  # the size was not known: cut the prefix from what was read
-        rows = rows[: max(1, math.ceil(ratio * len(rows)))]
-    ds = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in columns})
-    return ds, _hash(["stream", path, name, rev, str(data_files), len(rows)])
+    total = _stream_rows(ids, path, name, data_files)
+    if total is None and ratio < 1.0:  # the size is not published: count the split once (nothing is kept)
+        total = sum(1 for _ in _progress(stream, None, f"{spec.name}: counting the streamed rows"))
+    take = None if total is None else max(1, math.ceil(ratio * total)) if ratio < 1.0 else total
+    fp = _hash(["stream", path, name, rev, str(data_files), columns, take, VERSION])
+    file = os.path.join(hub_cache_root(cache_dir), "bertfast-streamed", fp, "rows.arrow")  # maps cache beside it
+    if not os.path.exists(file):
+        if take is not None:
+            stream = stream.take(take)
+        try:
+            n = _write_rows(stream, columns, _features(ids, columns), file, take,
+                            f"{spec.name}: streaming the first {take or 'all'} rows")
+        except Exception as e:
+            raise disk_full_error(e, f"{spec.name}: writing the streamed rows") or e
+        if n == 0:
+            raise DataError(asked, "its train split streamed no rows", "Check the name, config and revision.")
+    try:
+        return datasets.Dataset.from_file(file), fp
+    except Exception as e:  # damaged after it was written (it is renamed into place only when complete)
+        raise DataError(asked, f"its streamed prefix {file} cannot be read ({type(e).__name__}: {e})",
+                        f"Delete the folder {os.path.dirname(file)}: the next run streams the prefix again.") from e
+
+
+def _features(ids, columns: list[str]):
+    """The streamed columns' declared types (None when the stream declares none: inferred from the rows)."""
+    import datasets
+
+    feats = getattr(ids, "features", None)
+    return datasets.Features({c: feats[c] for c in columns}) if feats and all(c in feats for c in columns) else None
+
+
+def _write_rows(rows, columns: list[str], features, file: str, total: int | None, desc: str) -> int:
+    """Write streamed rows to ``file`` (an arrow file ``datasets`` reads) as they arrive -> rows written. A
+    temporary name is renamed when complete, so a run killed half-way leaves nothing a later one would trust."""
+    from datasets.arrow_writer import ArrowWriter
+
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    tmp = f"{file}.{os.getpid()}.tmp"
+    n = 0
+    try:
+        with ArrowWriter(path=tmp, features=features, writer_batch_size=1000) as writer:
+            for row in _progress(rows, total, desc):
+                writer.write({c: row[c] for c in columns})
+                n += 1
+            if n == 0:
+                return 0
+            writer.finalize()
+        os.replace(tmp, file)
+        return n
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _progress(it, total, desc):
+    from datasets.utils.tqdm import tqdm  # hidden with the other datasets bars (--no-progress)
+
+    return tqdm(it, total=total, desc=desc, unit=" rows")
 
 
 def _not_cached_error(spec: SourceSpec, why: str, cache_dir=None) -> DataError:

@@ -75,8 +75,8 @@ class TrainConfig:
     num_proc: int | None = _opt(None, "processes preparing the corpus (sentence splitting, grouping, tokenizing, "
                                 "pairing; capped at the cores; results do not depend on it)", "data", metavar="N",
                                 shown="min(cores, 8)")
-    streaming: bool = _opt(False, "read hub corpora as a stream: only the RATIO prefix is downloaded, no full "
-                           "copy on disk (see docs/data.md for what is exact on resume)", "data")
+    streaming: bool = _opt(False, "read hub corpora as a stream: only the RATIO prefix is downloaded and written "
+                           "to the datasets cache, no full copy (see docs/data.md for what is exact on resume)", "data")
     whole_word_masking: bool = _opt(False, "mask whole words (a token and its ## pieces) as Google's WWM models "
                                     "do, instead of single tokens", "data")
     sentences_per_doc: int | None = _opt(None, "local files with one sentence per row: group N consecutive rows "
