@@ -2,6 +2,7 @@
 layout; the trainer's own host reads go through one helper and are counted per optimizer step."""
 import collections
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -61,8 +62,6 @@ def test_forward_backward_reads_nothing_back(monkeypatch):
 def test_trainer_reads_once_per_optimizer_step(tmp_path):
     """One small read (the step's flags) per optimizer step in one process with fp32; the metrics are read at the
     logged steps, the window sums at the checkpoint."""
-    import pytest
-
     pytest.importorskip("datasets")
     from bertfast.train import TrainConfig, train
     from bertfast.train.state import HOST_READS
@@ -78,3 +77,57 @@ def test_trainer_reads_once_per_optimizer_step(tmp_path):
     assert reads.pop("step") == steps, reads
     assert reads.pop("log") == logs and logs <= reads.pop("metrics") <= logs + 2, reads  # + ended epochs
     assert reads.pop("checkpoint", 0) <= 2 and not reads, reads  # the final checkpoint's window sums only
+
+
+STEP_FUNCTIONS = {"bertfast/train/trainer.py": ("_optimizer_step", "_global_counts", "_micro_step", "_update"),
+                  "bertfast/train/state.py": ("device_values", "add_batch", "count", "on_device")}
+
+
+def _copies_to_a_device(path: str, names) -> list[str]:
+    """Calls torch.tensor / torch.as_tensor with a device= in the named functions: on CUDA each is a copy from
+    pageable host memory followed by a stream synchronisation (what set_sync_debug_mode("error") refuses)."""
+    import ast
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, path)).read())
+    found, seen = [], set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef) and fn.name in names:
+            seen.add(fn.name)
+            for call in ast.walk(fn):
+                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                        and call.func.attr in ("tensor", "as_tensor") and any(k.arg == "device" for k in call.keywords)):
+                    found.append(f"{path}:{call.lineno} {fn.name}")
+    assert seen == set(names), f"{path}: functions not found: {set(names) - seen}"
+    return found
+
+
+def test_the_training_step_builds_no_device_tensor_by_copying_from_the_host():
+    """The counter above sees reads, not host-to-device copies; those are found in the step's source instead."""
+    found = [hit for path, names in STEP_FUNCTIONS.items() for hit in _copies_to_a_device(path, names)]
+    assert not found, found
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer,precision", [("adamw", "bf16"), ("lamb", "fp16"), ("adamw", "fp32")])
+def test_steady_state_steps_never_synchronise_on_a_gpu(tmp_path, optimizer, precision):
+    """On a GPU: optimizer steps 2-5 (forward, backward, clipping, the update, the metric sums) run under
+    torch.cuda.set_sync_debug_mode("error"); only the counted reads of host_read are let through."""
+    pytest.importorskip("datasets")
+    from bertfast.train import TrainConfig, train
+    from bertfast.train.state import HOST_READS
+
+    def strict_from_step_2(step, loss):
+        torch.cuda.set_sync_debug_mode("error" if 2 <= step < 6 else 0)
+        return loss
+
+    cfg = TrainConfig(preset="tiny", max_len=64, builtin_docs=80, batch_size=8, max_steps=8, warmup_steps=0,
+                      log_every=100, checkpoint_every=0, output_dir=str(tmp_path / "run"), progress=False, seed=0,
+                      device="cuda", eval_fraction=0.0, grad_accum=2, optimizer=optimizer, precision=precision)
+    HOST_READS.clear()
+    try:
+        summary = train(cfg, log=lambda *_: None, loss_hook=strict_from_step_2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert summary["step"] == 8 and HOST_READS["step"] == 8

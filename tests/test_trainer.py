@@ -220,6 +220,37 @@ def test_train_fp16_overflow_skips_step_and_lowers_scale(run, tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+class _InfGrad(torch.autograd.Function):
+    """Identity forward (a finite loss); an infinite gradient backward: an fp16 overflow in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.inf
+
+
+def test_train_fp16_gradient_overflow_is_counted_and_lowers_scale_without_reading_it(run, tmp_path):
+    """A finite loss whose gradients overflow: the step is not taken (weights unchanged), counted under
+    overflow_steps (not skipped_steps), the scale halves; the step's decision comes from its one flags read, so the
+    loss scale is read only when a step is logged."""
+    from bertfast.train.state import HOST_READS
+
+    cfg, _, out, _ = run
+    c = dataclasses.replace(cfg, output_dir=str(tmp_path), max_steps=4, checkpoint_every=1, log_every=2,
+                            export_hf=None, tokenizer=os.path.join(out, "tokenizer"), precision="fp16")
+    HOST_READS.clear()
+    train(c, log=lambda *_: None, loss_hook=lambda step, loss: _InfGrad.apply(loss) if step == 2 else loss)
+    recs = read_metrics(tmp_path)
+    assert [r["skipped_steps"] for r in recs] == [0, 0] and [r["overflow_steps"] for r in recs] == [0, 1]
+    assert recs[1]["loss_scale"] == recs[0]["loss_scale"] / 2 and all(math.isfinite(r["loss"]) for r in recs)
+    w2, w3, w4 = (load_weights(tmp_path / "checkpoints" / ckpt.checkpoint_name(s)) for s in (2, 3, 4))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2) and not all(torch.equal(w3[k], w4[k]) for k in w3)
+    assert HOST_READS["fp16_scale"] == len(recs), dict(HOST_READS)  # the logged loss_scale only
+
+
 def test_train_grad_accum_equals_bigger_batch(run, tmp_path):
     cfg, _, out, _ = run
     tok = os.path.join(out, "tokenizer")

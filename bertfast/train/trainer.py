@@ -41,7 +41,7 @@ from bertfast.train.dist import (  # noqa: F401 - _Dist, _select_device: for the
     PeerFailed, TrainingError, _all_reduce_sum, _barrier, _Dist, _on_every_rank, _preparation_group, _select_device,
     _setup_distributed, _StopRequest)
 from bertfast.train.plan import RunPlan, plan_run
-from bertfast.train.state import HOST_READS, RunState, device_values, host_read, summarize
+from bertfast.train.state import HOST_READS, RunState, device_values, host_read, on_device, summarize
 from bertfast.train.config import (PRECISIONS, ConfigError, TrainConfig, build_model_config, check_settings,
                                    data_arguments)
 from bertfast.train.lock import FINETUNING, RunLock, describe_kind, folder_kind, refuse_run_as_export
@@ -534,17 +534,18 @@ def _optimizer_step(run: _Run, batches: _Batches, loss_hook, stop: _StopRequest)
     return ended, grad_norm, stop_signum
 
 
-def _global_counts(run: _Run, n_mlm: float, n_seq: float) -> tuple[float, float]:
+def _global_counts(run: _Run, n_mlm: float, n_seq: float):
     """The step's MLM targets and sequences over all ranks (at least 1 each), for the loss weights: known on the
-    host in one process; under DDP one all-reduce and one small read."""
+    host in one process; under DDP one all-reduce, kept on the device (float32 0-dim tensors: exact for counts
+    below 2**24, and the loss stays float32), so that DDP reads nothing more than one process does."""
     if not run.d.enabled:
         return max(n_mlm, 1.0), max(n_seq, 1.0)
-    counts = torch.tensor([n_mlm, n_seq], dtype=torch.float64, device=run.device)
-    g_mlm, g_seq = host_read(_all_reduce_sum(counts, run.d), "counts")
-    return max(g_mlm, 1.0), max(g_seq, 1.0)
+    counts = torch.stack([on_device(n_mlm, run.device), on_device(n_seq, run.device)])
+    g_mlm, g_seq = _all_reduce_sum(counts, run.d).clamp_min(1.0).float().unbind()
+    return g_mlm, g_seq
 
 
-def _micro_step(run: _Run, b, n_mlm: int, n_seq: int, g_mlm: float, g_seq: float, last: bool, loss_hook):
+def _micro_step(run: _Run, b, n_mlm: int, n_seq: int, g_mlm, g_seq, last: bool, loss_hook):
     """Forward and backward of one micro-batch, its loss weighted by its share of the global counts; adds its
     metrics to the windows. Returns whether its loss was finite (a device tensor: no host sync)."""
     d, st = run.d, run.state
@@ -592,19 +593,14 @@ def _update(run: _Run, finite: torch.Tensor, stop: _StopRequest):
     if loss_bad > 0 or (grad_bad > 0 and not scaler.is_enabled()):
         st.bad_in_row += 1
         st.window.count("skipped")
-        if scaler.is_enabled():
-            scaler.update()  # lowers the scale, as after an overflow
     else:
         st.bad_in_row = 0
-        if scaler.is_enabled():
-            scale = scaler.get_scale()  # fp16 only: two more reads (scaler.get_scale() reads the scale tensor)
-            scaler.step(optimizer)  # skips the update itself if a gradient overflowed
-            scaler.update()
-            HOST_READS["fp16_scale"] += 2
-            if scaler.get_scale() < scale:
-                st.window.count("overflow")
-        else:
+        if grad_bad > 0:  # fp16: the gradients overflowed (unscale_ found an inf; so is their norm): no step
+            st.window.count("overflow")
+        else:  # not scaler.step(), which would read found_inf again: the flags above already said it
             optimizer.step()
+    if scaler.is_enabled():
+        scaler.update()  # on the device: lowers the scale after an inf (recorded by unscale_), else may grow it
     optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     st.step += 1
@@ -679,7 +675,7 @@ def _evaluate(run: _Run, metrics_f, bar) -> dict:
             n_mlm, n_seq = (x.mlm_labels != -100).sum().double(), float(len(x))
             tgt = o.mlm_targets
             sums += torch.stack([o.mlm_loss.double() * n_mlm, n_mlm, o.nsp_loss.double() * n_seq,
-                                 torch.tensor(n_seq, dtype=torch.float64, device=run.device),
+                                 on_device(n_seq, run.device),
                                  ((o.prediction_scores.argmax(-1) == tgt) & (tgt != -100)).sum().double(),
                                  (o.seq_relationship_score.argmax(-1) == x.is_next).sum().double(),
                                  x.attention_mask.sum().double()])
