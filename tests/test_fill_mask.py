@@ -96,3 +96,24 @@ def test_no_mask_token_in_tokenizer_is_refused(mlm_folder):
     model, tok = load_pretrained(folder)
     with pytest.raises(FillMaskError, match="no \\[MASK\\]"):
         fill_mask(model, tok, "the cat")
+
+
+def test_a_padded_vocabulary_is_never_proposed(mlm_folder, tmp_path):
+    """A model whose vocabulary is padded past the tokenizer's (a multiple of 8): the padded ids keep their share
+    of the softmax (the probabilities stay the model's) but are never among the predictions, however likely."""
+    import transformers
+
+    from bertfast.train.pretrained import load_pretrained
+
+    folder, hf, tok = mlm_folder
+    cfg = hf.config.to_dict()
+    cfg["vocab_size"] = -(-len(tok) // 8) * 8 + 8  # at least 8 padded ids
+    padded = transformers.BertForMaskedLM(transformers.BertConfig(**cfg)).eval()
+    with torch.no_grad():
+        padded.cls.predictions.bias[len(tok):] = 50.0  # each padded id would win the top 5
+    padded.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok2 = load_pretrained(str(tmp_path))
+    preds = fill_mask(model, tok2, "the cat sat on the [MASK] .", top_k=5)
+    assert len(preds[0]) == 5 and all(word in tok.get_vocab() for word, _ in preds[0])
+    assert sum(p for _, p in preds[0]) < 1e-6  # the padded ids hold nearly all the mass, as in the model

@@ -251,6 +251,37 @@ def test_train_fp16_gradient_overflow_is_counted_and_lowers_scale_without_readin
     assert HOST_READS["fp16_scale"] == len(recs), dict(HOST_READS)  # the logged loss_scale only
 
 
+def test_a_new_model_pads_its_vocabulary_and_a_run_keeps_its_own(run, tmp_path, monkeypatch):
+    """New models take the tokenizer's size rounded up to a multiple of 8; a resumed run and --init-from keep the
+    vocabulary their weights have (here one a different rule chose: the tokenizer's size + 3)."""
+    from bertfast.data.tokenizer import load_tokenizer
+    from bertfast.train import config as config_mod
+    from bertfast.train.config import build_model_config, padded_vocab_size
+
+    cfg, _, out, _ = run
+    tok = load_tokenizer(os.path.join(out, "tokenizer"))
+    assert [padded_vocab_size(n) for n in (1, 8, 9, 300, 30522)] == [8, 8, 16, 304, 30528]
+    assert build_model_config(cfg, tok).vocab_size == padded_vocab_size(len(tok))
+    assert build_model_config(cfg, tok, vocab_size=len(tok) + 3).vocab_size == len(tok) + 3
+
+    def vocab(folder):
+        with open(os.path.join(folder, "model_config.json")) as f:
+            return json.load(f)["vocab_size"]
+
+    c = dataclasses.replace(cfg, output_dir=str(tmp_path / "old"), max_steps=1, checkpoint_every=1, log_every=1,
+                            export_hf=None, tokenizer=os.path.join(out, "tokenizer"), eval_fraction=0.0)
+    monkeypatch.setattr(config_mod, "padded_vocab_size", lambda n: n + 3)
+    train(c, log=lambda *_: None)
+    monkeypatch.undo()
+    assert vocab(tmp_path / "old") == len(tok) + 3
+    train(dataclasses.replace(c, max_steps=2, resume=True), log=lambda *_: None)
+    assert vocab(tmp_path / "old") == len(tok) + 3
+    init = dataclasses.replace(c, output_dir=str(tmp_path / "init"), tokenizer=None,
+                               init_from=str(tmp_path / "old"))
+    train(init, log=lambda *_: None)
+    assert vocab(tmp_path / "init") == len(tok) + 3
+
+
 def test_train_grad_accum_equals_bigger_batch(run, tmp_path):
     cfg, _, out, _ = run
     tok = os.path.join(out, "tokenizer")
@@ -451,7 +482,7 @@ def test_train_export_hf_loads_in_transformers(run):
     model.eval()
     enc = tok(["the baker sliced a loaf in the kitchen.", "on the third day"],
               ["she sold it at the counter.", "the captain tied a rope"], padding=True, return_tensors="pt")
-    assert len(tok) == model.config.vocab_size
+    assert model.config.vocab_size == hf.config.vocab_size == -(-len(tok) // 8) * 8  # padded to a multiple of 8
     with torch.no_grad():
         theirs = hf(**enc)
         ours = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], unpad=False)

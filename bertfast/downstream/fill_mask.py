@@ -45,7 +45,7 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[st
     finally:
         model.train(was)
     scores = out.prediction_scores[0, positions].float()  # [masks, vocab]
-    probs = scores.softmax(-1)
+    probs = scores.softmax(-1)[:, :len(tokenizer)]  # the model's vocabulary may be padded past the tokenizer's
     k = min(top_k, probs.shape[-1])
     top = probs.topk(k, dim=-1)
     result = []

@@ -69,7 +69,7 @@ class TrainConfig:
                                  "vocabulary on the corpus (saved in OUTPUT_DIR/tokenizer)", "data",
                                  shown="trained")
     vocab_size: int = _opt(8192, "size of the trained vocabulary (a small corpus gives fewer; ignored with "
-                           "--tokenizer)", "data")
+                           "--tokenizer); a new model's is the tokenizer's rounded up to a multiple of 8", "data")
     builtin_docs: int = _opt(1200, "documents in the built-in corpus", "data")
     num_workers: int = _opt(0, "data loader processes (results do not depend on it)", "data")
     num_proc: int | None = _opt(None, "processes preparing the corpus (sentence splitting, grouping, tokenizing, "
@@ -294,12 +294,25 @@ def model_fields(cfg: TrainConfig) -> dict:
     return d
 
 
-def build_model_config(cfg: TrainConfig, tokenizer):
+VOCAB_MULTIPLE = 8  # a new model's vocabulary is the tokenizer's rounded up to this (tensor-core aligned decoder)
+
+
+def padded_vocab_size(n_tokens: int) -> int:
+    """The tokenizer's size rounded up to a multiple of VOCAB_MULTIPLE: the decoder's output dimension (and the
+    logits' row stride) stay aligned for the GPU's matrix units, as NVIDIA's BERT pads 30522 to 30528. The extra
+    ids are never input nor target; their logits only join the softmax, and training pushes them down."""
+    return -(-n_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def build_model_config(cfg: TrainConfig, tokenizer, vocab_size: int | None = None):
+    """The BertConfig of a run: the preset and flags, the tokenizer's vocabulary padded (padded_vocab_size), or
+    ``vocab_size`` where one must be kept (--init-from, a resumed checkpoint)."""
     from bertfast.model.bert import BertConfig
 
     extra = {k: v for k, v in model_fields(cfg).items()
              if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
-    return BertConfig.preset(cfg.preset, vocab_size=len(tokenizer), pad_token_idx=tokenizer.pad_token_id, **extra)
+    return BertConfig.preset(cfg.preset, vocab_size=vocab_size or padded_vocab_size(len(tokenizer)),
+                             pad_token_idx=tokenizer.pad_token_id, **extra)
 
 
 def data_arguments(cfg: TrainConfig, tokenizer) -> dict:

@@ -47,6 +47,16 @@ class RunPlan:
     def total_steps(self, batches_per_epoch: int) -> int:
         return self.cfg.max_steps or (self.cfg.epochs * batches_per_epoch) // self.cfg.grad_accum
 
+    def kept_vocab_size(self) -> int | None:
+        """The model vocabulary a run must keep: --init-from's, or the resumed checkpoint's (a run started before
+        the vocabulary was padded to a multiple of 8 resumes unpadded); None for a new model."""
+        if self.init is not None:
+            return self.init.model.config.vocab_size
+        if self.resuming:
+            with open(os.path.join(self.resume_from.path, "config.json")) as f:
+                return json.load(f).get("vocab_size")
+        return None
+
     @property
     def nothing_left(self) -> bool:
         """A resume of a run already at its last step (known before any data loads)."""
@@ -140,8 +150,7 @@ def _init_source(cfg: TrainConfig):
             raise ConfigError("--tokenizer", f"{cfg.tokenizer!r} is not the tokenizer of --init-from "
                               f"{cfg.init_from!r}: the weights' token ids would not match. Drop --tokenizer (the "
                               "source's is used).")
-    src, want = init.model.config.to_dict(), model_fields(cfg)
-    want["vocab_size"] = len(init.tokenizer)
+    src, want = init.model.config.to_dict(), model_fields(cfg)  # vocab_size: the source's is kept
     diff = [f"{k}: source {src.get(k)!r} vs now {v!r}" for k, v in want.items()
             if k not in ("dropout", "attention_dropout") and src.get(k) != v]
     if diff:

@@ -329,7 +329,7 @@ def _prepare(plan: RunPlan, d: _Dist, log) -> _Run:
         _say(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {total_steps} steps: the "
              f"warmup is cut to {total_steps} steps, so the learning rate rises over the whole run and never decays; lower "
              "--warmup-steps", d, log)
-    mcfg = build_model_config(cfg, tokenizer)
+    mcfg = build_model_config(cfg, tokenizer, vocab_size=plan.kept_vocab_size())
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     model = BertForPreTraining(mcfg, impl=cfg.impl)
     if plan.init is not None:  # --init-from: its weights (checked to fit in the plan), everything else fresh
