@@ -297,9 +297,10 @@ def _inspect_dir() -> str:
     return os.path.join(base, "bertfast_gpu_compile")
 
 
-def _inspect_cached(compiled, ptx: str, arch: str) -> tuple[str, dict]:
+def _inspect_cached(compiled, ptx: str, arch: str, triton_report: str = "") -> tuple[str, dict]:
     """(ptxas -v text, cubin_inspect()) for a compiled kernel, cached by the hash of its PTX and cubin: a rerun
-    with Triton's cache warm then runs neither ptxas nor cuobjdump."""
+    with Triton's cache warm then runs neither ptxas nor cuobjdump. ``triton_report``: the log of Triton's own
+    `ptxas -v` (the compile of the cubin that runs), used instead of a second ptxas run when it holds the counts."""
     import hashlib
     import json
     h = hashlib.sha256(ptx.encode() + compiled.asm["cubin"] + f"{arch}:{_INSPECT_VERSION}".encode()).hexdigest()
@@ -311,7 +312,7 @@ def _inspect_cached(compiled, ptx: str, arch: str) -> tuple[str, dict]:
     except (OSError, ValueError, KeyError):
         pass
     with tempfile.TemporaryDirectory(prefix="bertfast_gpu_compile_") as tmp:
-        report = ptxas_report(ptx, arch, tmp)
+        report = triton_report if re.search(r"Used \d+ registers", triton_report) else ptxas_report(ptx, arch, tmp)
         cub = cubin_inspect(compiled.asm["cubin"], tmp)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -322,6 +323,25 @@ def _inspect_cached(compiled, ptx: str, arch: str) -> tuple[str, dict]:
     except OSError:
         pass  # a read-only cache only costs time
     return report, cub
+
+
+def _compile_with_ptxas_log(triton, src, target, options):
+    """triton.compile, with the log of its own `ptxas -v` captured ("" when its cache answered, or a Triton
+    without the knob): reusing it saves a second ptxas run per kernel."""
+    import contextlib
+    import io
+
+    nvidia = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
+        return triton.compile(src, target=target, options=options), ""
+    out, before = io.StringIO(), nvidia.dump_ptxas_log
+    nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(out):
+            compiled = triton.compile(src, target=target, options=options)
+    finally:
+        nvidia.dump_ptxas_log = before
+    return compiled, out.getvalue()
 
 
 def compile_case(case: dict, capability: int) -> CompileResult:
@@ -346,7 +366,7 @@ def compile_case(case: dict, capability: int) -> CompileResult:
         sig, const, attrs = specialise(case)
         src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
         options = {"num_warps": res.num_warps, "num_stages": res.num_stages, **(case.get("options") or {})}
-        compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+        compiled, triton_report = _compile_with_ptxas_log(triton, src, GPUTarget("cuda", capability, 32), options)
         md = compiled.metadata
         res.shared_bytes = int(md.shared if hasattr(md, "shared") else md["shared"])
         n_regs = getattr(md, "n_regs", None)
@@ -354,7 +374,7 @@ def compile_case(case: dict, capability: int) -> CompileResult:
         ptx = compiled.asm["ptx"]
         m = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
         res.arch = m.group(1) if m else res.arch
-        res.ptxas_report, cub = _inspect_cached(compiled, ptx, res.arch)
+        res.ptxas_report, cub = _inspect_cached(compiled, ptx, res.arch, triton_report)
         info = parse_ptxas(res.ptxas_report)
         res.registers, res.spill_stores, res.spill_loads = info["registers"], info["spill_stores"], info["spill_loads"]
         res.stack_bytes = info["stack_bytes"]

@@ -1,5 +1,7 @@
 """Compile csrc/*.cu for sm_80 and sm_90 with `nvcc -Xptxas -v` (no GPU needed) and fail on register spills in
-the kernels. The flags mirror the extension build (setup.py + torch.utils.cpp_extension)."""
+the kernels. The flags mirror the extension build (setup.py + torch.utils.cpp_extension). Device code only
+(--fatbin: the host side is what the install compiles), both targets at once (--threads 2): 48 s instead of 90 s
+on the 2-core machine, with the same ptxas report."""
 from __future__ import annotations
 
 import glob
@@ -51,7 +53,7 @@ def _nvcc_command(nvcc, cuda_home, src, obj):
         includes = cpp_extension.include_paths(cuda=True)
     includes = [p for p in includes if os.path.isdir(p)] + [os.path.join(cuda_home, "include")]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [nvcc, "-c", src, "-o", obj, _build_info_std(), "-O3", "--use_fast_math", "-lineinfo",
+    cmd = [nvcc, "--fatbin", "--threads", "2", src, "-o", obj, _build_info_std(), "-O3", "--use_fast_math", "-lineinfo",
            "-DBERTFAST_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC", "-Xptxas", "-v"]
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS)
@@ -104,7 +106,7 @@ def ptxas_report(tmp_path_factory):
         pytest.skip("no csrc/*.cu")
     rows = []
     for src in sources:
-        obj = str(tmp_path_factory.mktemp("nvcc") / (os.path.basename(src) + ".o"))
+        obj = str(tmp_path_factory.mktemp("nvcc") / (os.path.basename(src) + ".fatbin"))
         cmd = _nvcc_command(nvcc, home, src, obj)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"nvcc failed on {src}:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}"

@@ -230,8 +230,7 @@ def load_data(
         keyed by the corpus) and reused by the next run.
     max_predictions: P, the static prediction slots per sequence (default ceil(0.15 * max_len), 20 at 128).
     rank, world_size: data-parallel sharding (see :class:`PretrainingLoader`); batch_size is per rank.
-    streaming: read hub sources as a stream and write only the loading_ratio prefix to the datasets cache (no
-        full download; the next run reads that file).
+    streaming: stream hub sources; only the loading_ratio prefix is written to the datasets cache (docs/data.md).
     num_proc: processes for the maps (None: this one; capped at the cores); the data do not depend on it.
     hub_overrides: ``{"bookcorpus": {"path": ..., "name": ..., "data_files": ...}}`` replaces a hub id / config.
     dupe_factor: how many times pairs are built from each document with different random choices (BERT: 10).
