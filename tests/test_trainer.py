@@ -413,7 +413,7 @@ def test_train_ddp_signal_to_one_rank_stops_every_rank_at_one_step(run, tmp_path
     checkpoint and both raise Interrupted naming it; resuming the pair from it gives the uninterrupted 2-rank run's
     metrics exactly."""
     cfg, _, out, _ = run
-    common = dict(max_steps=60, log_every=2, checkpoint_every=1000, export_hf=None,
+    common = dict(max_steps=30, log_every=2, checkpoint_every=1000, export_hf=None,
                   tokenizer=os.path.join(out, "tokenizer"), dropout=0.0, batch_size=4)
     full = dataclasses.replace(cfg, output_dir=str(tmp_path / "full"), **common)
     stopped = dataclasses.replace(cfg, output_dir=str(tmp_path / "stopped"), **common)
@@ -434,7 +434,7 @@ def test_train_ddp_signal_to_one_rank_stops_every_rank_at_one_step(run, tmp_path
     ends = [json.loads((logs / f"rank{r}.stopped.json").read_text()) for r in range(2)]
     assert ends[0] == ends[1], ends
     step = ends[0]["step"]
-    assert ends[0]["signum"] == signal.SIGTERM and 4 <= step < 60, ends
+    assert ends[0]["signum"] == signal.SIGTERM and 4 <= step < 30, ends
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "stopped")] == [step]
     resumed = dataclasses.replace(stopped, resume=True)
     _spawn(resumed, f"file:{tmp_path / 'rdzv_resumed'}", tmp_path / "logs_resumed")
