@@ -19,6 +19,7 @@ done
 want() { [[ $STAGES == *" $1 "* ]]; }
 mkdir -p "$LOG"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+export BERTFAST_GPU_COMPILE=all  # tests/test_gpu_compile.py: the whole sm_80/sm_90 matrix (the CPU suite does part)
 status=0
 step() { echo "== $*" | tee -a "$LOG/summary.txt"; }
 
