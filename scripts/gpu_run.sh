@@ -51,8 +51,6 @@ if want install; then
 fi
 
 if want gpu; then
-    # includes tests/test_sync_free.py::test_steady_state_steps_never_synchronise_on_a_gpu: optimizer steps 2-5
-    # of a training run under torch.cuda.set_sync_debug_mode("error") (only the trainer's counted host_read passes)
     step "gpu tests: pytest -m gpu"
     $PY -m pytest tests -m gpu -q -ra > "$LOG/tests_gpu.log" 2>&1 || status=1
     tail -15 "$LOG/tests_gpu.log" | tee -a "$LOG/summary.txt"
@@ -71,6 +69,9 @@ if want report; then
 fi
 
 if want suite; then
+    # includes tests/test_sync_free.py::test_steady_state_steps_never_synchronise_on_a_gpu (needs the carried
+    # wheels): optimizer steps 2-5 of training runs under torch.cuda.set_sync_debug_mode("error"), where only the
+    # trainer's counted host_read may synchronise
     step "whole suite (CPU tests included)"
     $PY -m pytest tests -q -ra > "$LOG/tests_all.log" 2>&1 || status=1
     tail -5 "$LOG/tests_all.log" | tee -a "$LOG/summary.txt"
