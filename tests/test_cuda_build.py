@@ -53,8 +53,8 @@ def _nvcc_command(nvcc, cuda_home, src, obj):
         includes = cpp_extension.include_paths(cuda=True)
     includes = [p for p in includes if os.path.isdir(p)] + [os.path.join(cuda_home, "include")]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [nvcc, "--fatbin", "--threads", "2", src, "-o", obj, _build_info_std(), "-O3", "--use_fast_math", "-lineinfo",
-           "-DBERTFAST_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    cmd = [nvcc, "--fatbin", "--threads", "2", src, "-o", obj, _build_info_std(), "-O3", "--use_fast_math",
+           "-lineinfo", "-DBERTFAST_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC", "-Xptxas", "-v"]
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS)
     for arch in ARCHS:

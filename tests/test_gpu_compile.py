@@ -146,7 +146,8 @@ KERNEL_PARAMS = [pytest.param(cap, case["name"], id=f"sm{cap}-{case['name']}")
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Every self-test and kernel case compiled for sm_80 and sm_90, in one pool of worker processes."""
+    """Every self-test case and the suite's kernel cases (in_suite) compiled for their targets, in one pool of
+    worker processes."""
     pairs = [(c, cap) for c, _ in selftest_cases() for cap in CAPABILITIES]
     pairs += [(c, cap) for by_cap in KERNEL_CASES.values() for cap in CAPABILITIES for c in by_cap[cap]
               if in_suite(c, cap)]
