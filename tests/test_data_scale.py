@@ -213,6 +213,27 @@ def test_a_streamed_prefix_is_written_to_disk_once_and_a_killed_stream_leaves_no
         train(_cfg(tmp_path / "2", "hub:someone/corpus:0.5", streaming=True), log=lambda *_: None)
 
 
+def test_a_streamed_prefix_of_unknown_size_is_counted_once(tmp_path, corpus, monkeypatch):
+    """Without a published row count the split is streamed once to count it; the next run finds the written
+    prefix without that pass (the stream is never iterated)."""
+    rows = _rows(20, 9)
+    files = [_parquet(tmp_path / "hub" / "train-0.parquet", {"text": rows})]
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: REAL_LOAD(
+        "parquet", data_files={"train": files}, split="train", streaming=kw.get("streaming", False)))
+    monkeypatch.setattr(sources, "hub_offline", lambda: None)
+    monkeypatch.setattr(sources, "_stream_rows", lambda *a: None)
+    first = train(_cfg(tmp_path, "hub:someone/corpus:0.5", streaming=True, prepare_only=True), log=lambda *_: None)
+    (written,) = (tmp_path / "hf" / "bertfast-streamed").glob("*/rows.arrow")
+    assert len(datasets.Dataset.from_file(str(written))) == 90 and first["pairs"] > 0
+
+    def no_stream(self):
+        raise AssertionError("streamed again (to count the rows) instead of reading the written prefix")
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", no_stream)
+    again = train(_cfg(tmp_path, "hub:someone/corpus:0.5", streaming=True, prepare_only=True), log=lambda *_: None)
+    assert again["pairs"] == first["pairs"]
+
+
 # ------------------------------------------------------------------------------------------- torchrun waiting
 def _free_port() -> int:
     with socket.socket() as s:

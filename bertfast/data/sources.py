@@ -462,12 +462,15 @@ def _stream_prefix(spec: SourceSpec, override: dict, asked: str, text_column: st
     columns = [text_column] + ([doc_column] if doc_column else [])
     stream = ids.select_columns(columns)
     total = _stream_rows(ids, path, name, data_files)
-    if total is None and ratio < 1.0:  # the size is not published: count the split once (nothing is kept)
-        total = sum(1 for _ in _progress(stream, None, f"{spec.name}: counting the streamed rows"))
+    counted = total is None and ratio < 1.0  # the size is not published: only a full pass would tell it, so the
     take = None if total is None else max(1, math.ceil(ratio * total)) if ratio < 1.0 else total
-    fp = _hash(["stream", path, name, rev, str(data_files), columns, take, VERSION])
+    size = f"ratio {ratio}" if counted else take  # file is keyed by the ratio and counted while it is not on disk
+    fp = _hash(["stream", path, name, rev, str(data_files), columns, size, VERSION])
     file = os.path.join(hub_cache_root(cache_dir), "bertfast-streamed", fp, "rows.arrow")  # maps cache beside it
     if not os.path.exists(file):
+        if counted:  # nothing is kept from this pass
+            total = sum(1 for _ in _progress(stream, None, f"{spec.name}: counting the streamed rows"))
+            take = max(1, math.ceil(ratio * total))
         if take is not None:
             stream = stream.take(take)
         try:
