@@ -1,5 +1,6 @@
 """--compile on the CPU: the training step (forward + backward + AdamW) eager vs compiled the way the trainer compiles
-it (bertfast.train.trainer.compile_for_training), side by side in one process, interleaved batch by batch.
+it (bertfast.train.trainer.compile_for_training) and with its optimizer (fused AdamW), side by side in one
+process, interleaved batch by batch.
 
 Batches come from the collator (bucketed layout, lengths uniform in [S/2, S]), so the compiled model meets a few
 bucket shapes; every batch runs once compiled before timing (the compilations: a static graph for the first shape,
@@ -17,7 +18,8 @@ from _harness import bench_device
 
 from bertfast import BertConfig, BertForPreTraining
 from bertfast.data.batch import PretrainingCollator
-from bertfast.train.trainer import compile_for_training
+from bertfast.train.config import TrainConfig
+from bertfast.train.trainer import _optimizer, compile_for_training
 
 ROUNDS = 3  # timed passes over the batches, alternating which provider goes first
 
@@ -39,11 +41,11 @@ def _stepper(cfg, compiled):
     torch.manual_seed(0)
     model = BertForPreTraining(cfg).train()
     model.check_inputs = False
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = _optimizer(TrainConfig(lr=1e-4), model)  # the trainer's: fused AdamW
     fwd = compile_for_training(model) if compiled else model
 
     def step(batch):
-        loss = fwd(**batch).loss
+        loss = fwd(**batch, detach_scores=True).loss  # as the trainer calls it
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ import torch
 from _utils import assert_close
 
 from bertfast import ops, padding, reference
+from bertfast.kernels._launch import draw_seed
 
 DT = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)]
 
@@ -32,13 +33,19 @@ def test_layer_norm(shape, dtype, tol):
     _close(out, ref, tol * 4)
 
 
+def _seed_then_keep(torch_seed, shape, p):
+    """The keep mask a dropout call makes right after torch.manual_seed(torch_seed): its seed is the next
+    draw_seed() of the generator."""
+    torch.manual_seed(torch_seed)
+    return reference.dropout_keep_mask(draw_seed(), shape, p)
+
+
 def test_layer_norm_dropout_scales_kept_values():
     x = torch.randn(64, 32)
     w, b = torch.ones(32), torch.zeros(32)
     torch.manual_seed(3)
     out = reference.layer_norm(x, w, b, 1e-5, None, dropout_p=0.5)
-    torch.manual_seed(3)
-    keep = torch.rand_like(x) >= 0.5
+    keep = _seed_then_keep(3, x.shape, 0.5)
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x * keep / 0.5, (32,), w, b, 1e-5))
 
 
@@ -56,9 +63,9 @@ def test_dropout_keep_rate_and_scale():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_dropout_draw_contract_is_bit_exact(dtype):
-    """One uniform draw per element, kept where draw >= p, scaled by 1 / (1 - p): bit for bit, forward and gradient,
-    and the generator left where one rand_like leaves it (so training runs' logged losses never move when the
-    implementation does)."""
+    """The mask is dropout_keep_mask(seed) for the seed draw_seed() gives (one draw of torch's generator, which it
+    leaves where one draw_seed leaves it), the kept values scaled by 1 / (1 - p): bit for bit, forward and
+    gradient."""
     p = 0.1
     x = torch.randn(37, 50, dtype=dtype, requires_grad=True)
     g = torch.randn(37, 50, dtype=dtype)
@@ -67,10 +74,72 @@ def test_dropout_draw_contract_is_bit_exact(dtype):
     (gx,) = torch.autograd.grad(y, x, g)
     after = torch.rand(4)
     torch.manual_seed(11)
-    scaled_keep = (torch.rand_like(x) >= p).to(dtype) * (1.0 / (1.0 - p))
+    seed = draw_seed()
     assert torch.equal(after, torch.rand(4))
+    scaled_keep = reference.dropout_keep_mask(seed, x.shape, p).to(dtype) * (1.0 / (1.0 - p))
     assert torch.equal(y, x.detach() * scaled_keep)
     assert torch.equal(gx, g * scaled_keep)
+    assert torch.equal(reference.dropout(x, p, seed=seed), y)  # a given seed: the same mask again
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+def test_dropout_hash_keeps_the_right_share_independently(p):
+    """The counter hash as a random source: the keep rate is 1 - p within 5 sigma over 10**6 elements; masks of
+    two seeds, neighbouring elements and elements a row apart agree as often as independent draws would; every
+    seed gives another mask."""
+    n = 1000 * 1000
+    masks = [reference.dropout_keep_mask(s, (1000, 1000), p) for s in (0, 1, 2 ** 31 - 1)]
+    q = 1.0 - p
+    sigma = max((q * p / n) ** 0.5, 1e-12)
+    for m in masks:
+        assert abs(m.float().mean().item() - q) <= 5 * sigma + 1e-7
+    if p == 0.0:
+        assert all(m.all() for m in masks)
+        return
+    same = q * q + p * p  # P(two independent draws agree)
+    sd = (same * (1 - same) / n) ** 0.5
+    flat = masks[0].flatten()
+    for a, b in ((masks[0], masks[1]), (masks[1], masks[2]), (flat[:-1], flat[1:]), (flat[:-1000], flat[1000:])):
+        agree = (a == b).float().mean().item()
+        assert abs(agree - same) < 5 * sd, (agree, same)
+
+
+def test_dropout_hash_blocks_of_a_huge_tensor(monkeypatch):
+    """Over 2**31 elements the counter runs per block of 2**31 with a key of its own (checked with 2**10 blocks):
+    the first block is the small-tensor mask, the later ones are not copies of it."""
+    small = reference.dropout_keep_mask(7, (8, 1024), 0.5)
+    monkeypatch.setattr(reference, "_BLOCK_BITS", 10)
+    big = reference.dropout_keep_mask(7, (8, 1024), 0.5)
+    assert torch.equal(big[0], small[0])
+    for i in range(1, 8):
+        assert 0.35 < (big[i] == big[0]).float().mean().item() < 0.65
+    assert abs(big.float().mean().item() - 0.5) < 0.03
+
+
+def test_dropout_keep_mask_rejects_bad_p():
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout p"):
+            reference.dropout_keep_mask(0, (4,), p)
+
+
+def test_attention_dropout_is_the_hash_mask_on_the_probabilities():
+    """With dropout the reference attention is softmax(q k^T * scale) with the hash dropout on the probabilities
+    (the seed from torch's generator), then times v; fully padded sequences stay zero; gradients are finite."""
+    b, s, h, d = 3, 7, 2, 4
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64) for _ in range(3))
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [0] * 7], dtype=torch.bool)
+    torch.manual_seed(5)
+    out = reference.attention(q, k, v, mask, dropout_p=0.25, softmax_scale=0.7)
+    keep = _seed_then_keep(5, (b, h, s, s), 0.25)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.7
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0) * keep / 0.75
+    ref = torch.einsum("bhqk,bkhd->bqhd", probs, v) * mask[:, :, None, None]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.all(out[2] == 0)
+    q.requires_grad_(True)
+    reference.attention(q, k, v, mask, dropout_p=0.25).sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.all(q.grad[2] == 0)
 
 
 @pytest.mark.parametrize("dtype, tol", DT)

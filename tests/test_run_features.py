@@ -176,16 +176,15 @@ def test_grad_checkpointing_gives_the_same_losses(phase1, tmp_path):
 @pytest.mark.slow  # inductor compiles the model's C++ on the CPU: ~4 min at load 11 on 2 cores
 def test_compile_on_cpu(phase1, tmp_path):
     tok = str(phase1[0] / "tokenizer")
-    # without dropout: compiled code may draw its dropout masks in another order than eager (fallback_random keeps
-    # ATen's generator, not the order of the calls), so with dropout the losses could differ by the masks
-    train(tiny_cfg(tmp_path / "a", tokenizer=tok, max_steps=2, eval_every=0, impl="torch", dropout=0.0),
+    # dropout on: the compiled step draws the eager step's masks (one seed per dropout call from the generator;
+    # the mask a hash of it), so the losses differ only by the fused kernels' rounding
+    train(tiny_cfg(tmp_path / "a", tokenizer=tok, max_steps=2, eval_every=0, impl="torch"), log=lambda *_: None)
+    train(tiny_cfg(tmp_path / "b", tokenizer=tok, max_steps=2, eval_every=0, impl="torch", compile=True),
           log=lambda *_: None)
-    train(tiny_cfg(tmp_path / "b", tokenizer=tok, max_steps=2, eval_every=0, impl="torch", compile=True,
-                   dropout=0.0), log=lambda *_: None)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [s for s, _ in a] == [s for s, _ in b]
     for (_, x), (_, y) in zip(a, b):
-        assert abs(x - y) < 1e-3 * abs(x), (a, b)
+        assert abs(x - y) < 1e-5 * abs(x), (a, b)  # other masks: 2e-4 and 3e-4 here; rounding: 0 and 7e-8
     # exact resume under --compile: drop the last checkpoint (step 2 of 2 -> resume from the end is a no-op, so
     # use a 4-step run checkpointed at 2 and 4) and resume from step 2: the same losses and weights, bit for bit
     c = tmp_path / "c"

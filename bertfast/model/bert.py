@@ -419,9 +419,12 @@ class BertForPreTraining(BertModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
                 mlm_positions=None, mlm_labels=None, unpad: bool | None = None, *, unpad_indices=None,
-                cu_seqlens=None, max_seqlen=None) -> PreTrainingOutput:
+                cu_seqlens=None, max_seqlen=None, detach_scores: bool = False) -> PreTrainingOutput:
         """unpad_indices, cu_seqlens, max_seqlen: the unpadded layout a Batch carries (bucket-padded; see
-        bertfast.data.Batch); without them the layout is derived from attention_mask (one host sync)."""
+        bertfast.data.Batch); without them the layout is derived from attention_mask (one host sync).
+        detach_scores: return prediction_scores and seq_relationship_score detached (the losses keep their graph),
+        as the trainer does, whose accuracy metrics are all it reads from them: under torch.compile a returned
+        tensor that requires grad gets a zero-filled gradient in the backward ([N, vocab] per step)."""
         self._check(input_ids, attention_mask, token_type_ids, labels, next_sentence_label, mlm_positions,
                     mlm_labels)
         layout = self.given_layout(input_ids, attention_mask, unpad_indices, cu_seqlens, max_seqlen)
@@ -447,6 +450,8 @@ class BertForPreTraining(BertModel):
                                                  check_values=self.check_inputs)
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
         total = losses[0] + losses[1] if len(losses) == 2 else (losses[0] if losses else None)
+        if detach_scores:
+            prediction_scores, seq_relationship_score = prediction_scores.detach(), seq_relationship_score.detach()
         return PreTrainingOutput(total, prediction_scores, seq_relationship_score, mlm_loss, nsp_loss, mlm_targets)
 
     def mlm_logits(self, h):

@@ -491,10 +491,11 @@ def _start_rng(run: _Run) -> None:
 
 
 def compile_for_training(model):
-    """--compile: torch.compile with inductor's fallback_random, so dropout masks are drawn by ATen's generator as
-    in eager: inductor's own CPU RNG cost more than its fusions saved (a mini step's generated forward code took
-    2x the time with it). Shapes stay torch.compile's default: the first bucket gets a static graph, the next a
-    symbolic one that the other buckets reuse (dynamic=False, one graph per bucket, measured no faster on CPU
+    """--compile: torch.compile with inductor's fallback_random, so the few random draws left (one dropout seed per
+    dropout call: the masks are a hash of seed and position, bertfast.ops.reference.dropout) come from ATen's
+    generator as in eager: a compiled step draws the eager step's masks, and inductor fuses each mask's hash into
+    the kernel that applies it. Shapes stay torch.compile's default: the first bucket gets a static graph, the next
+    a symbolic one that the other buckets reuse (dynamic=False, one graph per bucket, measured no faster on CPU
     within the noise and compiles each of up to 16 buckets: ~90 s each for mini on 2 cores)."""
     return torch.compile(model, options={"fallback_random": True})
 
@@ -556,7 +557,7 @@ def _micro_step(run: _Run, b, n_mlm: int, n_seq: int, g_mlm, g_seq, last: bool, 
     sync = contextlib.nullcontext() if (not d.enabled or last) else run.ddp_model.no_sync()
     with sync:
         with run.autocast():
-            o = run.ddp_model(**x.model_inputs(static_mlm=True))
+            o = run.ddp_model(**x.model_inputs(static_mlm=True), detach_scores=True)
         mlm_loss = o.mlm_loss if loss_hook is None else loss_hook(st.step, o.mlm_loss)
         mlm_sum = mlm_loss.float() * n_mlm
         nsp_sum = o.nsp_loss.float() * n_seq
