@@ -2,13 +2,15 @@
 it (bertfast.train.trainer.compile_for_training) and with its optimizer (fused AdamW), side by side in one
 process, interleaved batch by batch.
 
-Batches come from the collator (bucketed layout, lengths uniform in [S/2, S]), so the compiled model meets a few
-bucket shapes; every batch runs once compiled before timing (the compilations: a static graph for the first shape,
-a symbolic one for the rest). Rows: provider `eager` and `compile`, `seconds` the median step
-over every timed step, with its spread; `compile_s` on the compile row: that first pass over all batches,
-`speedup` eager / compiled. Without --benchmark: the tiny preset, two steps each,
-as a smoke check (still compiles: ~1 min on 2 cores).
+Two data cases: `random` (BERT's 30522-word vocabulary, random tokens, lengths uniform in [S/2, S], from the
+collator) and `builtin` (the default run's corpus and vocabulary through load_data). Batches are bucketed, so the
+compiled model meets a few bucket shapes; every batch runs once compiled before timing (the compilations: a static
+graph for the first shape, a symbolic one for the rest). Rows: provider `eager` and `compile`, `seconds` the median
+step over every timed step, with its spread; `compile_s` on the compile row: that first pass over all batches,
+`speedup` eager / compiled. Without --benchmark: the tiny preset, random case, two steps each, as a smoke check
+(still compiles: ~1 min on 2 cores).
 """
+import dataclasses
 import statistics
 import time
 
@@ -53,13 +55,35 @@ def _stepper(cfg, compiled):
     return step
 
 
-def test_compile_vs_eager(record, request):
+def _builtin_batches(n, b, s):
+    """The default run's data: the builtin corpus through load_data (its trained vocabulary, ~1.7k words), as the
+    trainer gets it; the model's vocabulary padded to a multiple of 8 as a new run's."""
+    from bertfast.data import load_data
+    from bertfast.train.config import padded_vocab_size
+
+    tokenizer, loader = load_data("builtin", batch_size=b, max_len=s)
+    batches = []
+    for batch in loader:
+        batches.append((batch[0] if isinstance(batch, tuple) else batch).model_inputs(static_mlm=True))
+        if len(batches) == n:
+            break
+    return padded_vocab_size(len(tokenizer)), batches
+
+
+@pytest.mark.parametrize("data", ["random", "builtin"])
+def test_compile_vs_eager(record, request, data):
     if bench_device().type != "cpu":
         pytest.skip("the CPU measurement; on a GPU bench_train_step's *-compile providers time torch.compile")
     timing = request.config.getoption("--benchmark")
+    if not timing and data == "builtin":
+        pytest.skip("the smoke check compiles one case")
     preset, b, s, n = ("mini", 16, 128, 12) if timing else ("tiny", 4, 32, 2)
     cfg = BertConfig.preset(preset)
-    batches = _batches(cfg, n, b, s)
+    if data == "random":  # BERT's vocabulary (30522), random tokens
+        batches = _batches(cfg, n, b, s)
+    else:
+        vocab, batches = _builtin_batches(n, b, s)
+        cfg = dataclasses.replace(cfg, vocab_size=vocab)
     steps = {"eager": _stepper(cfg, False), "compile": _stepper(cfg, True)}
     start = time.perf_counter()
     for batch in batches:
@@ -75,7 +99,8 @@ def test_compile_vs_eager(record, request):
                 times[name].append(time.perf_counter() - t)
     if not timing:
         return
-    shape = f"{preset} b{b} s{s}, {len({int(x['unpad_indices'].shape[0]) for x in batches})} buckets"
+    rows = len({int(x["unpad_indices"].shape[0]) for x in batches})
+    shape = f"{preset} b{b} s{s} vocab {cfg.vocab_size}, {data} tokens, {rows} buckets"
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4, method="inclusive")
