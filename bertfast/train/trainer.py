@@ -335,8 +335,8 @@ def _prepare(plan: RunPlan, d: _Dist, log) -> _Run:
     if plan.init is not None:  # --init-from: its weights (checked to fit in the plan), everything else fresh
         model.load_state_dict(plan.init.model.state_dict())
     model = model.to(device)
-    # value checks read the device back (a sync on a GPU; under --compile a graph break at each check, measured on
-    # CPU: the compiled mini step 0.9x eager with them, 1.1x without); the collator's batches are valid
+    # value checks read the device back: a sync on a GPU, and under --compile a graph break at each check (4 in
+    # the forward: tests/test_run_features.py::test_compile_on_cpu); the collator's batches are valid
     model.check_inputs = device.type != "cuda" and not cfg.compile
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
