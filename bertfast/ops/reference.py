@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bertfast.kernels._launch import draw_seed
+from bertfast.kernels._launch import draw_seed, seed_tensor
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -43,9 +43,7 @@ def _keep(seed, shape, p: float, device) -> torch.Tensor:
     threshold that leaves 1 - p of their 2**24 values, its sign turned into 0 / 1 by integer ops. No bool tensor on
     purpose: torch.compile's CPU code stores a bool mask computed from int32 lanes one byte at a time behind a
     data-dependent branch (measured: a third of a fused LayerNorm kernel's time on random masks)."""
-    if not isinstance(seed, torch.Tensor):
-        seed = torch.tensor(int(seed) & 0x7FFFFFFF, dtype=torch.int64, device=device)
-    key = _mix32(seed.to(device=device, dtype=torch.int32) ^ _KEY_SALT)  # (^ gives _mix32 a fresh tensor)
+    key = _mix32(seed_tensor(seed, device).to(torch.int32) ^ _KEY_SALT)  # (^ gives _mix32 a fresh tensor)
     n = 1
     for d in shape:
         n *= int(d)
